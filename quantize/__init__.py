@@ -1,0 +1,1 @@
+"""Calibration and quantization pipeline (arrives with the quantize issue)."""

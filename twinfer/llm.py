@@ -1,0 +1,153 @@
+"""The offline API, shaped like vLLM's: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig, parse_dtype, resolve_device
+from twinfer.engine import LLMEngine
+from twinfer.models import resolve_model, twinfer_home
+from twinfer.outputs import RequestOutput
+from twinfer.registry import resolve_engine
+from twinfer.sampling import SamplingParams
+from twinfer.tokenizer import Tokenizer
+from twinfer.weights import load_weights
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model once and generate from it.
+
+    Args:
+        model: a built-in name (``smollm2-135m``), a Hugging Face directory or a GGUF file.
+        engine: "torch" (reference), "fast" (Triton) or "auto" (fast on CUDA when available).
+        dtype: "auto" (float32 on CPU, float16 on CUDA), "float32", "float16", "bfloat16".
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        max_model_len: longest prompt + output in tokens (default: the model's own limit).
+        num_kv_blocks: fix the KV cache size instead of deriving it from the memory budget.
+    """
+
+    def __init__(self, model: str | Path, engine: str = "auto", dtype: str = "auto",
+                 device: str = "auto", max_num_seqs: int = 256,
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
+                 num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 cpu_kv_cache_bytes: int = 2 << 30, download_dir: str | Path | None = None):
+        home = Path(download_dir) if download_dir else twinfer_home()
+        path = resolve_model(model, home)
+        device = resolve_device(device)
+        engine = resolve_engine(engine, device)
+        weights = load_weights(path)
+        model_cfg = weights.config
+        max_len = max_model_len or model_cfg.max_position_embeddings
+        if max_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's "
+                             f"max_position_embeddings {model_cfg.max_position_embeddings}")
+        config = EngineConfig(
+            model=model_cfg,
+            cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              cpu_kv_cache_bytes=cpu_kv_cache_bytes,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens or max(2048, max_num_seqs),
+                max_model_len=max_len),
+            engine=engine, device=device, dtype=parse_dtype(dtype, device))
+        tokenizer = Tokenizer.load(path, model_cfg.eos_token_ids, cache_dir=home)
+        self.model_path = path
+        self.engine = LLMEngine(config, weights, tokenizer)
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order.
+
+        ``prompts`` is a string, a list of strings, a list of token ids, or a list of
+        token-id lists. Every prompt is checked before any runs.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        for p in prompts:  # fail before queueing anything
+            self.engine.encode_prompt(p)
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(f"gen-{next(self._ids)}")
+                self.engine.add_request(ids[-1], p, sp)
+            finished = self._run(set(ids), use_tqdm)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return [finished[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, via the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that adds a token."""
+        rid = f"stream-{next(self._ids)}"
+        self.engine.add_request(rid, prompt, sampling_params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    def _run(self, pending: set[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(pending), disable=not use_tqdm, desc="requests") as bar:
+            while len(finished) < len(pending):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("requests vanished from the engine before finishing")
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return finished
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("no prompts given")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, token ids or a list of them, got "
+                     f"{type(prompts).__name__}")
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params

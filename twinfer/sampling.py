@@ -1,0 +1,173 @@
+"""SamplingParams and the sampler shared by both engines.
+
+The sampler takes float32 logits (one row per sequence that samples this step) and returns
+one token per row. Order of operations, as in vLLM: penalties, temperature, top-k, top-p,
+min-p, then a draw. Logprobs are those of the raw model distribution (log-softmax of the
+logits before penalties and temperature). A seeded request draws from its own
+``torch.Generator``, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+_MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop; validated on construction."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n alternatives per generated token (0: sampled only)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.n != 1:
+            raise ValueError("n must be 1 (parallel sampling is not supported yet)")
+        _check_number("temperature", self.temperature, lo=0.0)
+        _check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off), 0 (off) or a positive int, got {self.top_k}")
+        _check_number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
+                or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= _MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {_MAX_LOGPROBS}], got {value!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative ints")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _check_number(name: str, value: object, lo: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+@dataclass
+class SamplerInput:
+    """One row per sampling sequence: its params, generator and the tokens penalties see."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled ids and, for rows that asked, (sampled logprob, top ids, top logprobs)."""
+
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[int], list[float]] | None]
+
+
+class Sampler:
+    """Turns logits into tokens according to each row's SamplingParams."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplerInput) -> SamplerOutput:
+        """logits: [num_rows, vocab] float32, one row per entry of ``batch``."""
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in batch.params):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = apply_penalties(logits.clone(), batch)
+        token_ids = []
+        for i, (params, gen) in enumerate(zip(batch.params, batch.generators)):
+            token_ids.append(sample_row(logits[i], params, gen))
+        logprobs: list = [None] * len(token_ids)
+        if raw_logprobs is not None:
+            for i, params in enumerate(batch.params):
+                if params.logprobs is not None:
+                    logprobs[i] = top_logprobs(raw_logprobs[i], token_ids[i], params.logprobs)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplerInput) -> torch.Tensor:
+    """Repetition (over prompt and output, HF-style), presence and frequency (over output)."""
+    for i, params in enumerate(batch.params):
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(batch.prompt_token_ids[i]) |
+                                       set(batch.output_token_ids[i])), dtype=torch.long,
+                                device=logits.device)
+            row = logits[i, seen]
+            logits[i, seen] = torch.where(row > 0, row / params.repetition_penalty,
+                                          row * params.repetition_penalty)
+        if (params.presence_penalty or params.frequency_penalty) and batch.output_token_ids[i]:
+            out = torch.tensor(batch.output_token_ids[i], dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
+            logits[i] -= params.frequency_penalty * counts
+            logits[i] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams,
+               generator: torch.Generator | None) -> int:
+    """Pick one token from a row of logits [vocab]."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int
+                 ) -> tuple[float, list[int], list[float]]:
+    """The chosen token's logprob and the n most likely alternatives of one row."""
+    top = torch.topk(logprobs, n) if n > 0 else None
+    ids = top.indices.tolist() if top is not None else []
+    values = top.values.tolist() if top is not None else []
+    return float(logprobs[token_id]), ids, values
