@@ -31,6 +31,15 @@ from twinfer.weights import ModelWeights
 
 
 @dataclass
+class EngineStats:
+    """Running totals since the engine started."""
+
+    num_steps: int = 0
+    num_scheduled_tokens: int = 0  # tokens run through the model (prefill chunks + decodes)
+    num_generated_tokens: int = 0
+
+
+@dataclass
 class _RequestState:
     seq: Sequence
     prompt: str | None
@@ -63,7 +72,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
-        self.num_prefill_tokens = 0  # tokens computed that were not sampled from (statistics)
+        self.stats = EngineStats()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -133,7 +142,9 @@ class LLMEngine:
             prompt_token_ids=[s.prompt_token_ids for s in sample_seqs],
             output_token_ids=[s.output_token_ids for s in sample_seqs]))
         self._record_prompt_logprobs(batch, logits)
-        self.num_prefill_tokens += batch.num_tokens - len(sample_seqs)
+        self.stats.num_steps += 1
+        self.stats.num_scheduled_tokens += batch.num_tokens
+        self.stats.num_generated_tokens += len(sample_seqs)
         stop_hits = {}
         for seq, token, lp in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
             stop_hits[seq.request_id] = self._detokenize(seq, token, lp)
