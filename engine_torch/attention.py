@@ -23,26 +23,60 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q: [num_tokens, num_heads, head_dim]; returns the same shape. Query row r of a sequence
     with q_len new tokens and context length ctx sits at position ctx - q_len + r and sees keys
-    at positions <= that (and, with a sliding window w, > position - w).
+    at positions <= that (and, with a sliding window w, > position - w). Sequences with one
+    query (decodes) are computed together, padded to the longest context; the others one by one.
     """
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = q.shape[1] // num_kv_heads
     out = torch.empty_like(q)
-    start = 0
+    starts = [0]
+    for q_len in meta.query_lens_cpu:
+        starts.append(starts[-1] + q_len)
+    decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
+    if decodes:
+        rows = torch.tensor([starts[i] for i in decodes], device=q.device)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, meta, decodes, scale,
+                                      sliding_window)
     for i, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
-        blocks = meta.block_tables[i, : -(-ctx // block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:ctx]  # [ctx, num_kv_heads, head_dim]
-        v = v_cache[blocks].flatten(0, 1)[:ctx]
-        k = k.repeat_interleave(group, dim=1)  # GQA: each KV head serves `group` query heads
-        v = v.repeat_interleave(group, dim=1)
+        if q_len == 1:
+            continue
+        k, v = _gather(k_cache, v_cache, meta.block_tables[i:i + 1], ctx)  # [1, ctx, Hkv, D]
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
         k_pos = torch.arange(ctx, device=q.device)[None, :]
-        mask = k_pos <= q_pos
+        mask = k_pos <= q_pos  # [q_len, ctx]
         if sliding_window is not None:
             mask &= q_pos - k_pos < sliding_window
-        o = F.scaled_dot_product_attention(
-            q[start:start + q_len].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale)
-        out[start:start + q_len] = o.transpose(0, 1)
-        start += q_len
+        s = slice(starts[i], starts[i] + q_len)
+        out[s] = _sdpa(q[s][None], k, v, mask[None], scale)[0]
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, seqs: list[int], scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    """q: [B, H, D], one query per sequence at position ctx - 1."""
+    ctx_lens = [meta.context_lens_cpu[i] for i in seqs]
+    max_ctx = max(ctx_lens)
+    k, v = _gather(k_cache, v_cache, meta.block_tables[seqs], max_ctx)  # [B, max_ctx, Hkv, D]
+    ctx = torch.tensor(ctx_lens, device=q.device)[:, None]
+    k_pos = torch.arange(max_ctx, device=q.device)[None, :]
+    mask = k_pos < ctx  # [B, max_ctx]: padding beyond each context is masked out
+    if sliding_window is not None:
+        mask &= ctx - 1 - k_pos < sliding_window
+    return _sdpa(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
+
+
+def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first num_tokens cached K and V of each table: [B, num_tokens, Hkv, D]."""
+    blocks = block_tables[:, : -(-num_tokens // k_cache.shape[1])].long()
+    return (k_cache[blocks].flatten(1, 2)[:, :num_tokens],
+            v_cache[blocks].flatten(1, 2)[:, :num_tokens])
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+          scale: float) -> torch.Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask broadcastable to [B, Lq, Lk] -> [B, Lq, H, D].
+
+    Each KV head serves H / Hkv query heads (GQA)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)

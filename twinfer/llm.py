@@ -37,7 +37,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_cache_bytes: int = 2 << 30, download_dir: str | Path | None = None):
+                 cpu_kv_cache_bytes: int = 1 << 30, download_dir: str | Path | None = None):
         home = Path(download_dir) if download_dir else twinfer_home()
         path = resolve_model(model, home)
         device = resolve_device(device)

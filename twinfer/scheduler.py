@@ -157,7 +157,7 @@ class Scheduler:
         for seq, num_new in zip(batch.seqs, batch.query_lens):
             seq.num_computed_tokens += num_new
         got_token = []
-        for idx, token in zip(batch.sample_seq_indices, sampled):
+        for idx, token in zip(batch.sample_seq_indices, sampled, strict=True):
             seq = batch.seqs[idx]
             seq.token_ids.append(token)
             got_token.append(seq)
