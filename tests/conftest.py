@@ -3,6 +3,7 @@ helper that drives the real scheduler and TorchRunner to collect logits at every
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -106,18 +107,23 @@ def smollm2_llm(smollm2_path):
                cpu_kv_cache_bytes=1 << 30)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_weights(path: Path):
+    return load_weights(path)  # the runner copies what it uses, so sharing is safe
+
+
 def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
                    decode_tokens: list[list[int]] | None = None,
-                   dtype=torch.float32) -> list[torch.Tensor]:
+                   dtype=torch.float32, device: str = "cpu") -> list[torch.Tensor]:
     """Run prompts (then forced decode tokens) through the real Scheduler and TorchRunner with
     ``max_num_batched_tokens=chunk``; return each sequence's logits at every position."""
     from engine_torch import TorchRunner
 
-    weights = load_weights(model_path)
+    weights = _cached_weights(Path(model_path))
     cfg = EngineConfig(model=weights.config, cache=CacheConfig(num_kv_blocks=256),
                        scheduler=SchedulerConfig(max_num_batched_tokens=chunk,
                                                  max_model_len=1024),
-                       dtype=dtype)
+                       dtype=dtype, device=device)
     runner = TorchRunner(cfg, weights)
     runner.allocate_kv_cache(256)
     scheduler = Scheduler(cfg.scheduler, BlockManager(256, 16))
@@ -139,7 +145,7 @@ def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
             owners += [seq] * q
             start += q
         for r, (row, pos) in enumerate(zip(batch.logits_indices, positions)):
-            rows[owners[row].request_id][pos] = logits[r]
+            rows[owners[row].request_id][pos] = logits[r].cpu()
         # Force the next token: the test's decode token, so both sides see the same sequence.
         forced = []
         for i in batch.sample_seq_indices:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import collect_logits
@@ -31,14 +33,29 @@ def hf_smollm2(smollm2_path):
     return model.eval()
 
 
-def test_smollm2_logits_match_transformers(smollm2_path, smollm2_llm, hf_smollm2):
+@pytest.fixture(scope="module")
+def hf_smollm2_fp64(hf_smollm2):
+    return copy.deepcopy(hf_smollm2).double()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 2048])
+def test_smollm2_logits_match_transformers(smollm2_path, smollm2_llm, hf_smollm2,
+                                           hf_smollm2_fp64, chunk):
+    """SmolLM2's logits reach +-20, so fp32 rounding alone moves them by ~5e-5: transformers'
+    own fp32 logits sit up to 5.8e-5 from its fp64 ones. Two fp32 implementations that sum
+    in different orders (batched GEMM shapes, chunked attention) can therefore differ by
+    slightly more than 1e-4 (1.01e-4 seen once). So the 1e-4 bound is checked against the
+    exact (fp64) transformers logits, and agreement with transformers' fp32 within 2e-4."""
     prompts = [smollm2_llm.tokenizer.encode(p) for p in PROMPTS[:3]]
     decoded = [[28, 253, 1010], [30, 2], [5, 6, 7, 8]]
-    ours = collect_logits(smollm2_path, prompts, chunk=7, decode_tokens=decoded)
+    ours = collect_logits(smollm2_path, prompts, chunk=chunk, decode_tokens=decoded)
     for p, d, o in zip(prompts, decoded, ours):
+        ids = torch.tensor([p + d])
         with torch.no_grad():
-            ref = hf_smollm2(torch.tensor([p + d])).logits[0]
-        torch.testing.assert_close(o, ref, atol=1e-4, rtol=0)
+            exact = hf_smollm2_fp64(ids).logits[0]
+            ref = hf_smollm2(ids).logits[0]
+        torch.testing.assert_close(o.double(), exact, atol=1e-4, rtol=0)
+        torch.testing.assert_close(o, ref, atol=2e-4, rtol=0)
 
 
 def test_smollm2_greedy_matches_transformers_generate(smollm2_llm, hf_smollm2):
