@@ -132,7 +132,8 @@ class BlockManager:
             return
         self.update_block_hashes(seq)
         bs = self.block_size
-        for i in range(min(seq.num_computed_tokens // bs, len(seq.block_table))):
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        for i in range(seq.num_published_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             h = seq.block_hashes[i]
             if block.block_hash is not None:
@@ -141,6 +142,7 @@ class BlockManager:
                 continue
             block.block_hash, block.token_ids = h, tuple(seq.token_ids[i * bs:(i + 1) * bs])
             self._cached[h] = block.block_id
+        seq.num_published_blocks = max(seq.num_published_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (last block first) and empty its table."""
@@ -152,6 +154,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         seq.block_table.clear()
+        seq.num_published_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block hash (e.g. after weights change)."""

