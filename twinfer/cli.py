@@ -1,4 +1,4 @@
-"""Command line: ``twinfer generate`` and ``twinfer chat``."""
+"""Command line: ``twinfer generate``, ``twinfer chat`` and ``twinfer serve``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (or set TWINFER_API_KEY)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="model name clients send (default: the MODEL argument)")
+    serve.add_argument("--max-waiting", type=int, default=1024,
+                       help="waiting requests beyond which new ones get 503")
     chat = sub.add_parser("chat", help="interactive chat, streamed to the terminal")
     _add_engine_args(chat)
     _add_sampling_args(chat)
@@ -135,10 +145,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": final.outputs[0].text if final else ""})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from serve.server import run_server
+    except ImportError as e:
+        raise RuntimeError(f"serving needs the 'serve' extra: pip install 'twinfer[serve]' "
+                           f"({e})") from e
+    run_server(args.model, host=args.host, port=args.port, engine=args.engine,
+               dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
+               api_key=args.api_key, max_num_seqs=args.max_num_seqs,
+               max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat,
+                "serve": cmd_serve}[args.command](args)
     except (ValueError, RuntimeError) as e:
         print(f"twinfer: error: {e}", file=sys.stderr)
         return 2

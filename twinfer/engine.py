@@ -212,8 +212,14 @@ class LLMEngine:
                 seq.params.stop_token_ids:
             stop_reason = seq.token_ids[-1]
         want_lp = seq.params.logprobs is not None
+        text = state.detokenizer.text
+        if not seq.is_finished and seq.params.stop:
+            # Hold back a tail that could still become a stop string, so streamed text is
+            # always a prefix of the final text.
+            hold = max(len(s) for s in seq.params.stop) - 1
+            text = text[:max(len(text) - hold, 0)]
         completion = CompletionOutput(
-            index=0, text=state.detokenizer.text, token_ids=list(seq.output_token_ids),
+            index=0, text=text, token_ids=list(seq.output_token_ids),
             cumulative_logprob=state.cumulative_logprob if want_lp else None,
             logprobs=list(seq.output_logprobs) if want_lp else None,
             finish_reason=finish, stop_reason=stop_reason)
