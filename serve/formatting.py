@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twinfer.outputs import Logprob, TokenLogprobs
 
 
@@ -11,14 +13,14 @@ def _top(entry: TokenLogprobs, n: int) -> list[tuple[int, Logprob]]:
 
 
 def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None], n: int,
-                        text_offset0: int) -> dict:
+                        text_offset0: int, decode: Callable[[int], str]) -> dict:
     """The legacy completions ``logprobs`` object for ``token_ids`` (entries aligned with
-    them; None for the first prompt token, which has no logprob)."""
+    them; None for the first prompt token, which has no logprob and is named by ``decode``)."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     offset = text_offset0
     for tid, entry in zip(token_ids, entries):
         if entry is None:
-            text = None
+            text = decode(tid)
             token_logprobs.append(None)
             top_logprobs.append(None)
         else:

@@ -188,7 +188,8 @@ def _completion_jobs(req: CompletionRequest, state: ServerState) -> list[Job]:
     return jobs
 
 
-def _completion_choice_text_and_logprobs(job: Job, req: CompletionRequest) -> tuple[str, dict]:
+def _completion_choice_text_and_logprobs(job: Job, req: CompletionRequest,
+                                         decoder) -> tuple[str, dict]:
     out = job.final
     comp = out.outputs[0]
     text = "" if job.discard_output else comp.text
@@ -202,7 +203,7 @@ def _completion_choice_text_and_logprobs(job: Job, req: CompletionRequest) -> tu
     if req.logprobs is not None and not job.discard_output:
         token_ids += comp.token_ids
         entries += comp.logprobs
-    lp = completion_logprobs(token_ids, entries, req.logprobs, 0) \
+    lp = completion_logprobs(token_ids, entries, req.logprobs, 0, decoder) \
         if req.logprobs is not None else None
     return text, lp
 
@@ -222,11 +223,14 @@ async def create_completion(request: Request, state: ServerState):
     rid, created = new_id("cmpl"), int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created,
             "model": state.model_name}
+
+    def decoder(token_id: int) -> str:
+        return state.tokenizer.decode([token_id], skip_special_tokens=False)
     if not req.stream:
         await _run_all(state, jobs)
         choices = []
         for job in jobs:
-            text, lp = _completion_choice_text_and_logprobs(job, req)
+            text, lp = _completion_choice_text_and_logprobs(job, req, decoder)
             choices.append({"index": job.index, "text": text, "logprobs": lp,
                             "finish_reason": _finish_reason(job),
                             "stop_reason": job.final.outputs[0].stop_reason})
@@ -253,7 +257,7 @@ async def create_completion(request: Request, state: ServerState):
         finish = _finish_reason(job) if out.finished else None
         if not text and finish is None and not lp_ids:
             return []
-        lp = completion_logprobs(lp_ids, lp_entries, req.logprobs, 0) \
+        lp = completion_logprobs(lp_ids, lp_entries, req.logprobs, 0, decoder) \
             if req.logprobs is not None else None
         return [{**base, "choices": [{"index": job.index, "text": text, "logprobs": lp,
                                       "finish_reason": finish}]}]
