@@ -128,7 +128,9 @@ def parse_request(model_cls: type[BaseModel], data: Any) -> BaseModel:
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        # In a union, the branch that matched the type best says the most ("at most 64
+        # items" beats "should be a valid string"): prefer errors that are not type errors.
+        err = min(e.errors(), key=lambda x: (x["type"].endswith("_type"), -len(x["loc"])))
         loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -138,5 +140,5 @@ def parse_request(model_cls: type[BaseModel], data: Any) -> BaseModel:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic names union members in locations ("list[int]", "constrained-str"); drop them.
-    return isinstance(part, str) and ("[" in part or part.startswith(("constrained", "str",
-                                                                       "int", "function")))
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part
+                                      or part.startswith(("constrained-", "function-")))

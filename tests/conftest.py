@@ -56,7 +56,9 @@ def _tiny_tokenizer():
     vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, TINY_VOCAB)}}
     raw = RawTokenizer(models.WordLevel(vocab, unk_token="<s>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
 
 
 def make_tiny_model(path: Path, arch: str, seed: int = 0, logit_scale: float = 1.0,
