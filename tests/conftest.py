@@ -3,11 +3,18 @@ helper that drives the real scheduler and TorchRunner to collect logits at every
 
 from __future__ import annotations
 
-import functools
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU (set before triton is first imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import functools  # noqa: E402
 from pathlib import Path
 
-import pytest
-import torch
+import pytest  # noqa: E402
 
 from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from twinfer.kv_cache import BlockManager
