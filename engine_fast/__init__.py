@@ -1,10 +1,27 @@
-"""engine_fast: the optimized Runner (Triton kernels, fused ops, CUDA graphs).
+"""engine_fast: the optimized Runner (Triton kernels, fused ops, CUDA graphs for decode).
 
-Not implemented yet (tracked in its own issue); ``is_available`` says so, and
-``twinfer.registry`` turns that into a clear error for engine="fast".
+On CUDA it is what ``engine="auto"`` picks. On a CPU it runs only under Triton's interpreter
+(``TRITON_INTERPRET=1``, slow: for tests).
 """
+
+from __future__ import annotations
+
+import os
 
 
 def is_available() -> bool:
-    """Whether FastRunner can run in this build: not until engine_fast lands."""
-    return False
+    """Triton is installed and there is CUDA, or the Triton interpreter is switched on."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def __getattr__(name: str):
+    if name == "FastRunner":  # imported lazily: importing Triton is slow
+        from engine_fast.runner import FastRunner
+        return FastRunner
+    raise AttributeError(name)

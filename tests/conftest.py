@@ -123,17 +123,19 @@ def _cached_weights(path: Path):
 
 def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
                    decode_tokens: list[list[int]] | None = None,
-                   dtype=torch.float32, device: str = "cpu") -> list[torch.Tensor]:
-    """Run prompts (then forced decode tokens) through the real Scheduler and TorchRunner with
-    ``max_num_batched_tokens=chunk``; return each sequence's logits at every position."""
-    from engine_torch import TorchRunner
+                   dtype=torch.float32, device: str = "cpu",
+                   engine: str = "torch") -> list[torch.Tensor]:
+    """Run prompts (then forced decode tokens) through the real Scheduler and the ``engine``'s
+    runner with ``max_num_batched_tokens=chunk``; return each sequence's logits at every
+    position."""
+    from twinfer.registry import create_runner
 
     weights = _cached_weights(Path(model_path))
     cfg = EngineConfig(model=weights.config, cache=CacheConfig(num_kv_blocks=256),
                        scheduler=SchedulerConfig(max_num_batched_tokens=chunk,
                                                  max_model_len=1024),
-                       dtype=dtype, device=device)
-    runner = TorchRunner(cfg, weights)
+                       dtype=dtype, device=device, engine=engine)
+    runner = create_runner(cfg, weights)
     runner.allocate_kv_cache(256)
     scheduler = Scheduler(cfg.scheduler, BlockManager(256, 16))
     decode_tokens = decode_tokens or [[] for _ in prompts]

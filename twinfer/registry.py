@@ -42,8 +42,8 @@ def resolve_engine(engine: str, device: str) -> str:
         return "fast" if device.startswith("cuda") and fast_engine_available() else "torch"
     if engine == "fast" and not fast_engine_available():
         raise EngineUnavailableError(
-            "engine 'fast' (Triton kernels) is not available yet in this build of twinfer; "
-            "use engine='torch' or engine='auto'")
+            "engine 'fast' (Triton kernels) needs triton installed and either a CUDA device or "
+            "Triton's CPU interpreter (TRITON_INTERPRET=1, slow); use engine='torch' here")
     return engine
 
 

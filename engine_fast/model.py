@@ -1,0 +1,99 @@
+"""The Llama-family forward pass on Triton kernels: fused QKV and gate/up projections,
+RMSNorm fused with the residual add, in-place rotary, paged attention kernels.
+
+Same math as engine_torch/model.py; the differences are only in how it is computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine_torch.layers import rope_inv_freq
+from kernels.decode_attention import decode_attention
+from kernels.elementwise import rms_norm, rotary_, silu_and_mul, write_kv
+from kernels.prefill_attention import prefill_attention
+from twinfer.batch import AttentionMetadata
+from twinfer.weights import ModelWeights
+
+
+@dataclass
+class FastLayer:
+    input_norm: torch.Tensor
+    qkv_proj: torch.Tensor  # [(H + 2 Hkv) D, hidden]: q, k, v rows stacked, one GEMM
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    post_attention_norm: torch.Tensor
+    gate_up_proj: torch.Tensor  # [2 I, hidden]: gate rows then up rows, one GEMM
+    down_proj: torch.Tensor
+
+
+class FastLlama:
+    """Weights repacked for the kernels, and the forward pass over the paged KV cache."""
+
+    def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
+        cfg = self.config = weights.config
+
+        def t(*names: str) -> torch.Tensor:
+            parts = [weights.get(n).to(device=device, dtype=dtype, copy=True) for n in names]
+            return torch.cat(parts).contiguous() if len(parts) > 1 else parts[0].contiguous()
+
+        self.embed_tokens = t("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            self.layers.append(FastLayer(
+                input_norm=t(p + "input_layernorm.weight"),
+                qkv_proj=t(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                qkv_bias=t(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+                if cfg.qkv_bias else None,
+                o_proj=t(a + "o_proj.weight"),
+                q_norm=t(a + "q_norm.weight") if cfg.qk_norm else None,
+                k_norm=t(a + "k_norm.weight") if cfg.qk_norm else None,
+                post_attention_norm=t(p + "post_attention_layernorm.weight"),
+                gate_up_proj=t(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down_proj=t(p + "mlp.down_proj.weight"),
+            ))
+        self.norm = t("model.norm.weight")
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t("lm_head.weight")
+        self.inv_freq = rope_inv_freq(cfg).to(device)
+
+    def forward(self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                decode_only: bool, num_splits: int = 1) -> torch.Tensor:
+        """Final hidden states [T, hidden]. ``decode_only``: every sequence has one query, so
+        the decode kernel runs (and nothing reads host-side lengths: CUDA-graph safe)."""
+        cfg = self.config
+        H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        T = meta.input_ids.shape[0]
+        x = self.embed_tokens[meta.input_ids]
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h, residual = rms_norm(x, layer.input_norm, eps, residual)
+            qkv = F.linear(h, layer.qkv_proj, layer.qkv_bias)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
+            if cfg.qk_norm:
+                q = rms_norm(q.reshape(T * H, D), layer.q_norm, eps)[0].view(T, H, D)
+                k = rms_norm(k.reshape(T * Hkv, D), layer.k_norm, eps)[0].view(T, Hkv, D)
+            rotary_(q, meta.positions, self.inv_freq)
+            rotary_(k, meta.positions, self.inv_freq)
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            if decode_only:
+                o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                     D ** -0.5, num_splits=num_splits)
+            else:
+                o = prefill_attention(q, k_cache, v_cache, meta.block_tables,
+                                      meta.query_start_loc, meta.context_lens,
+                                      meta.query_lens_cpu, D ** -0.5, cfg.sliding_window)
+            x = F.linear(o.view(T, H * D), layer.o_proj)
+            h, residual = rms_norm(x, layer.post_attention_norm, eps, residual)
+            x = F.linear(silu_and_mul(F.linear(h, layer.gate_up_proj)), layer.down_proj)
+        return rms_norm(x, self.norm, eps, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
