@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from engine_torch.layers import rope_inv_freq
 from kernels.decode_attention import decode_attention
-from kernels.elementwise import rms_norm, rotary_, silu_and_mul, write_kv
+from kernels.elementwise import rms_norm, silu_and_mul
 from kernels.prefill_attention import prefill_attention
+from kernels.rotary_kv import rotary_and_write_kv
 from twinfer.batch import AttentionMetadata
 from twinfer.weights import ModelWeights
 
@@ -80,9 +81,8 @@ class FastLlama:
             if cfg.qk_norm:
                 q = rms_norm(q.reshape(T * H, D), layer.q_norm, eps)[0].view(T, H, D)
                 k = rms_norm(k.reshape(T * Hkv, D), layer.k_norm, eps)[0].view(T, Hkv, D)
-            rotary_(q, meta.positions, self.inv_freq)
-            rotary_(k, meta.positions, self.inv_freq)
-            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            rotary_and_write_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache,
+                                meta.slot_mapping)
             if decode_only:
                 o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                      D ** -0.5, num_splits=num_splits)

@@ -89,6 +89,10 @@ class FastRunner:
             "block_tables": torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
             "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
         }
+        # Pinned staging buffers: the per-step host->device copies are then truly async.
+        self._host = {"ints": torch.zeros(4, max_bs, dtype=torch.long).pin_memory(),
+                      "block_tables": torch.zeros(max_bs, max_blocks,
+                                                  dtype=torch.int32).pin_memory()}
         pool = None
         for bs in tqdm(sorted(buckets, reverse=True), desc="capturing CUDA graphs"):
             meta = self._static_meta(bs)
@@ -116,19 +120,20 @@ class FastRunner:
             query_lens_cpu=[1] * bs, context_lens_cpu=[0] * bs)
 
     def _replay(self, batch: ScheduledBatch, bucket: int) -> torch.Tensor:
-        n, s = batch.num_seqs, self._static
+        n, s, host = batch.num_seqs, self._static, self._host
         width = max(len(t) for t in batch.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables],
-                              dtype=torch.int32)
-        host = torch.tensor([batch.input_ids, batch.positions, batch.slot_mapping,
-                             batch.context_lens], dtype=torch.long)
-        s["input_ids"][:n].copy_(host[0], non_blocking=True)
-        s["positions"][:n].copy_(host[1], non_blocking=True)
-        s["slot_mapping"][:n].copy_(host[2], non_blocking=True)
-        s["context_lens"][:n].copy_(host[3], non_blocking=True)
-        s["block_tables"][:n, :width].copy_(tables, non_blocking=True)
-        s["slot_mapping"][n:bucket].fill_(-1)  # padding rows: no cache write,
-        s["context_lens"][n:bucket].fill_(0)  # no attention
+        ints = host["ints"]
+        ints[:, :n] = torch.tensor([batch.input_ids, batch.positions, batch.slot_mapping,
+                                    batch.context_lens], dtype=torch.long)
+        ints[2, n:bucket] = -1  # padding rows: no cache write,
+        ints[3, n:bucket] = 0  # and no attention
+        host["block_tables"][:n, :width] = torch.tensor(
+            [t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.int32)
+        s["input_ids"][:bucket].copy_(ints[0, :bucket], non_blocking=True)
+        s["positions"][:bucket].copy_(ints[1, :bucket], non_blocking=True)
+        s["slot_mapping"][:bucket].copy_(ints[2, :bucket], non_blocking=True)
+        s["context_lens"][:bucket].copy_(ints[3, :bucket], non_blocking=True)
+        s["block_tables"][:n, :width].copy_(host["block_tables"][:n, :width], non_blocking=True)
         entry = self.graphs[bucket]
         entry.graph.replay()
         return entry.logits[:n]

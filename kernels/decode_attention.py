@@ -14,6 +14,11 @@ import triton
 import triton.language as tl
 
 
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise be multiplied in TF32 on the GPU (10-bit mantissa).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
@@ -24,7 +29,7 @@ def _decode_attention_kernel(
     stride_bt,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -52,7 +57,7 @@ def _decode_attention_kernel(
         off = n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks
                     + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_N] fp32
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -60,7 +65,7 @@ def _decode_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs
                     + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     has = l_i > 0
@@ -123,7 +128,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
     )
     out = torch.empty_like(q)

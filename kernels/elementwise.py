@@ -1,5 +1,4 @@
-"""Row-wise fused ops: RMSNorm with residual add, rotary embedding, SiLU-and-multiply, and
-writing new K/V into their cache slots."""
+"""Row-wise fused ops: RMSNorm with residual add, and SiLU-and-multiply."""
 
 from __future__ import annotations
 
@@ -46,33 +45,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, positions_ptr, inv_freq_ptr, stride_t, stride_h,
-                   HALF: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    i = tl.arange(0, HALF)
-    pos = tl.load(positions_ptr + t).to(tl.float32)
-    angle = pos * tl.load(inv_freq_ptr + i)
-    cos, sin = tl.cos(angle), tl.sin(angle)
-    base = x_ptr + t * stride_t + h * stride_h
-    x1 = tl.load(base + i).to(tl.float32)
-    x2 = tl.load(base + HALF + i).to(tl.float32)
-    tl.store(base + i, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + i, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty))
-
-
-def rotary_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] in place by the angles positions[t] * inv_freq (HF half-split
-    layout: pairs are (i, i + D/2))."""
-    T, H, D = x.shape
-    if x.stride(-1) != 1 or inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32:
-        raise ValueError("rotary_ wants x [T, H, D] contiguous in D and float32 inv_freq [D/2]")
-    if T:
-        _rotary_kernel[(T, H)](x, positions, inv_freq, x.stride(0), x.stride(1), HALF=D // 2)
-    return x
-
-
-@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -95,31 +67,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0),
                                                             n, BLOCK=block)
     return out
-
-
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     stride_kc, stride_vc, N, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t)
-    if slot >= 0:  # slot -1 marks a padding row that must not touch the cache
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        tl.store(k_cache_ptr + slot * stride_kc + cols,
-                 tl.load(k_ptr + t * stride_k + cols, mask=mask), mask=mask)
-        tl.store(v_cache_ptr + slot * stride_vc + cols,
-                 tl.load(v_ptr + t * stride_v + cols, mask=mask), mask=mask)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, Hkv, D] at their slots of the caches [num_blocks, block_size, Hkv, D]."""
-    T, Hkv, D = k.shape
-    if k_cache.shape[2:] != (Hkv, D) or not k_cache.is_contiguous():
-        raise ValueError("cache must be contiguous [num_blocks, block_size, Hkv, D]")
-    if k.stride(1) != D or k.stride(2) != 1 or v.stride(1) != D or v.stride(2) != 1:
-        raise ValueError("k and v must be contiguous per token")
-    if T:
-        _write_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                               Hkv * D, Hkv * D, Hkv * D,
-                               BLOCK=triton.next_power_of_2(Hkv * D))

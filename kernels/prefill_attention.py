@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_attention import _precision
+
 
 @triton.jit
 def _prefill_attention_kernel(
@@ -23,7 +25,7 @@ def _prefill_attention_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh,
     stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -56,7 +58,7 @@ def _prefill_attention_kernel(
         off = n % BLOCK_SIZE
         k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks
                     + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         visible = (n[None, :] <= pos[:, None]) & nmask[None, :] & mmask[:, None]
         if sliding_window > 0:
             visible &= pos[:, None] - n[None, :] < sliding_window
@@ -68,7 +70,7 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs
                     + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -117,6 +119,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
-        GROUP=H // Hkv, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out

@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_VOCAB, collect_logits
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: only summation order differs. fp16: both engines round activations to fp16 at
 # different points (fused residual/norm, fp32 rotary), ~2^-11 relative on logits of size ~1.
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2}
@@ -25,8 +26,9 @@ def test_fast_logits_match_torch(tiny_model_factory, arch, chunk, dtype):
     path = tiny_model_factory(arch)
     ps = prompts(1)
     decoded = [prompts(2)[2][:6] for _ in ps]  # decode steps exercise the decode kernel
-    ref = collect_logits(path, ps, chunk=chunk, decode_tokens=decoded, dtype=dtype)
+    ref = collect_logits(path, ps, chunk=chunk, decode_tokens=decoded, dtype=dtype,
+                         device=DEVICE)
     fast = collect_logits(path, ps, chunk=chunk, decode_tokens=decoded, dtype=dtype,
-                          engine="fast")
+                          engine="fast", device=DEVICE)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r, atol=ATOL[dtype], rtol=0)

@@ -83,3 +83,33 @@ def test_cuda_seeded_request_is_the_same_alone_and_in_a_batch(tiny_model_factory
     outs = llm.generate(others + [[5, 6, 7, 8]],
                         [SamplingParams(temperature=1.0, max_tokens=20)] * 16 + [seeded])
     assert outs[-1].outputs[0].token_ids == alone
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_fast_engine_with_graphs_matches_torch_engine_under_preemption(
+        tiny_model_factory, dtype):
+    path = tiny_model_factory("llama", seed=7, logit_scale=30.0)
+    rng = random.Random(1)
+    reqs = [([rng.randrange(2, TINY_VOCAB) for _ in range(rng.randint(1, 60))],
+             rng.randint(1, 40)) for _ in range(64)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in reqs]
+    fast = LLM(path, engine="fast", device="cuda", dtype=dtype, num_kv_blocks=16,
+               max_model_len=128, max_num_seqs=64, enable_prefix_caching=False)
+    assert fast.engine.runner.graphs, "decode graphs were not captured"
+    ref = LLM(path, engine="torch", device="cuda", dtype=dtype, num_kv_blocks=512,
+              max_model_len=128)
+    got = fast.generate([p for p, _ in reqs], params)
+    want = ref.generate([p for p, _ in reqs], params)
+    assert fast.engine.scheduler.num_preemptions > 0
+    assert fast.engine.block_manager.num_used_blocks == 0
+    same = sum(g.outputs[0].token_ids == w.outputs[0].token_ids for g, w in zip(got, want))
+    assert same >= 62, f"only {same}/64 requests agree"
+
+
+def test_cuda_gpu_memory_utilization_sizes_the_cache(tiny_model_factory):
+    llm = LLM(tiny_model_factory("llama"), engine="torch", device="cuda", dtype="float16",
+              gpu_memory_utilization=0.3, max_model_len=256)
+    free, total = torch.cuda.mem_get_info()
+    used_fraction = 1 - free / total
+    assert llm.engine.block_manager.num_blocks > 1000
+    assert used_fraction < 0.35

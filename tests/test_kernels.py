@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kernels.decode_attention import decode_attention
-from kernels.elementwise import rms_norm, rotary_, silu_and_mul, write_kv
+from kernels.elementwise import rms_norm, silu_and_mul
 from kernels.prefill_attention import prefill_attention
+from kernels.rotary_kv import rotary_and_write_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -112,21 +113,6 @@ def test_rms_norm_matches_reference(dtype, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
-def test_rotary_matches_reference(dtype, head_dim):
-    from engine_torch.layers import apply_rotary, rotary_cos_sin
-
-    x = torch.randn(9, 3, head_dim).to(DEVICE, dtype)
-    positions = torch.tensor([0, 1, 2, 15, 16, 100, 1000, 4095, 7], device=DEVICE)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    inv_freq = inv_freq.to(DEVICE)
-    cos, sin = rotary_cos_sin(positions, inv_freq, torch.float32)
-    ref = apply_rotary(x.float(), cos, sin)
-    out = rotary_(x.clone(), positions, inv_freq)
-    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype] * 4, rtol=TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [5, 64, 1100])
 def test_silu_and_mul_matches_reference(dtype, n):
     x = torch.randn(4, 2 * n).to(DEVICE, dtype)
@@ -135,14 +121,30 @@ def test_silu_and_mul_matches_reference(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_stores_rows_at_their_slots_and_skips_padding(dtype):
-    k_cache = torch.zeros(4, 16, 2, 32, dtype=dtype, device=DEVICE)
+@pytest.mark.parametrize("group,head_dim", [(1, 32), (4, 64), (8, 128)])
+def test_rotary_and_write_kv_match_reference(dtype, group, head_dim):
+    from engine_torch.layers import apply_rotary, rotary_cos_sin
+
+    hkv, T = 2, 6
+    qkv = torch.randn(T, (group + 2) * hkv * head_dim).to(DEVICE, dtype)  # fused-GEMM layout
+    q, k, v = qkv.split([group * hkv * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
+    q, k, v = q.view(T, -1, head_dim), k.view(T, hkv, head_dim), v.view(T, hkv, head_dim)
+    positions = torch.tensor([0, 1, 17, 1000, 4095, 3], device=DEVICE)
+    slots = torch.tensor([5, 63, 16, 0, 40, -1], device=DEVICE)  # last: padding row
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).to(DEVICE)
+    cos, sin = rotary_cos_sin(positions, inv_freq, torch.float32)
+    q_ref, k_ref, v_ref = apply_rotary(q.float(), cos, sin), apply_rotary(k.float(), cos, sin), \
+        v.clone()
+    k_cache = torch.zeros(4, 16, hkv, head_dim, dtype=dtype, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
-    k = torch.randn(3, 2, 32).to(DEVICE, dtype)
-    v = torch.randn(3, 2, 32).to(DEVICE, dtype)
-    slots = torch.tensor([5, 63, -1], device=DEVICE)
-    write_kv(k, v, k_cache, v_cache, slots)
-    flat_k, flat_v = k_cache.view(-1, 2, 32), v_cache.view(-1, 2, 32)
-    torch.testing.assert_close(flat_k[5], k[0])
-    torch.testing.assert_close(flat_v[63], v[1])
-    assert flat_k.abs().sum(dim=(1, 2)).nonzero().flatten().tolist() == [5, 63]
+    rotary_and_write_kv(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
+    tol = TOL[dtype] * 4  # angles up to 4095 rad: fp32 cos/sin lose a few more bits
+    torch.testing.assert_close(q.float(), q_ref, atol=tol, rtol=TOL[dtype])
+    torch.testing.assert_close(k.float(), k_ref, atol=tol, rtol=TOL[dtype])
+    flat_k, flat_v = k_cache.view(-1, hkv, head_dim), v_cache.view(-1, hkv, head_dim)
+    written = slots[:-1].long()
+    torch.testing.assert_close(flat_k[written].float(), k_ref[:-1], atol=tol, rtol=TOL[dtype])
+    torch.testing.assert_close(flat_v[written], v_ref[:-1])
+    untouched = torch.ones(64, dtype=torch.bool, device=DEVICE)
+    untouched[written] = False
+    assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0

@@ -113,10 +113,15 @@ class Sampler:
         raw_logprobs = None
         if any(p.logprobs is not None for p in batch.params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_penalties(logits.clone(), batch)
-        token_ids = []
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+               for p in batch.params):
+            logits = apply_penalties(logits.clone(), batch)
+        # Greedy rows in one argmax and one device->host copy; sampled rows one by one, each
+        # with its own generator.
+        token_ids = logits.argmax(dim=-1).tolist()
         for i, (params, gen) in enumerate(zip(batch.params, batch.generators)):
-            token_ids.append(sample_row(logits[i], params, gen))
+            if not params.greedy:
+                token_ids[i] = sample_row(logits[i], params, gen)
         logprobs: list = [None] * len(token_ids)
         if raw_logprobs is not None:
             for i, params in enumerate(batch.params):

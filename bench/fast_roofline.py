@@ -1,0 +1,173 @@
+"""engine_fast at Llama-3.1-8B shapes with random weights, against the roofline measured in
+the same run (CUDA only).
+
+    python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024]
+
+Counts first: a decode step reads every weight byte once (linears + lm_head) plus each
+sequence's K/V, so tokens/s <= bandwidth / bytes per step x batch. Prefill of T tokens costs
+2 x params x T FLOPs plus attention, bounded by the dense fp16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+import triton
+
+from kernels.decode_attention import decode_attention
+from twinfer.batch import ScheduledBatch
+from twinfer.config import CacheConfig, EngineConfig, ModelConfig, RopeScaling, SchedulerConfig
+from twinfer.weights import ModelWeights, expected_tensor_names
+
+
+def llama31_8b(num_layers: int) -> ModelConfig:
+    return ModelConfig(architecture="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_layers=num_layers, num_heads=32,
+                       num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+                       max_position_embeddings=131072)
+
+
+def random_weights(cfg: ModelConfig, dtype: torch.dtype) -> ModelWeights:
+    """Random tensors on the GPU under HF names (like vLLM's dummy load format)."""
+    shapes = {}
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    for name in expected_tensor_names(cfg):
+        if "embed_tokens" in name or "lm_head" in name:
+            shapes[name] = (cfg.vocab_size, h)
+        elif "norm" in name:
+            shapes[name] = (h,)
+        elif "q_proj" in name:
+            shapes[name] = (cfg.num_heads * d, h)
+        elif "k_proj" in name or "v_proj" in name:
+            shapes[name] = (cfg.num_kv_heads * d, h)
+        elif "o_proj" in name:
+            shapes[name] = (h, cfg.num_heads * d)
+        elif "down_proj" in name:
+            shapes[name] = (h, i)
+        else:
+            shapes[name] = (i, h)
+    tensors = {n: torch.randn(s, device="cuda", dtype=dtype) * 0.02 for n, s in shapes.items()}
+    return ModelWeights(cfg, tensors, source="random")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (read + write counted)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=200)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def matmul_rate(dtype: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=20, rep=100)
+    return 2 * 8192 ** 3 / (ms * 1e-3)
+
+
+def decode_batch(n: int, context: int, block_size: int) -> ScheduledBatch:
+    """n sequences, each decoding its token at position context - 1, blocks laid out in order."""
+    blocks_per_seq = -(-context // block_size)
+    tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(n)]
+    pos = context - 1
+    return ScheduledBatch(
+        seqs=[None] * n, input_ids=[7] * n, positions=[pos] * n, query_lens=[1] * n,
+        context_lens=[context] * n, block_tables=tables,
+        slot_mapping=[t[pos // block_size] * block_size + pos % block_size for t in tables],
+        logits_indices=list(range(n)), sample_seq_indices=list(range(n)),
+        sample_logit_rows=list(range(n)))
+
+
+def prefill_batch(tokens: int, block_size: int) -> ScheduledBatch:
+    table = list(range(-(-tokens // block_size)))
+    return ScheduledBatch(
+        seqs=[None], input_ids=[7] * tokens, positions=list(range(tokens)), query_lens=[tokens],
+        context_lens=[tokens], block_tables=[table],
+        slot_mapping=[table[p // block_size] * block_size + p % block_size
+                      for p in range(tokens)],
+        logits_indices=[tokens - 1], sample_seq_indices=[0], sample_logit_rows=[0])
+
+
+def main() -> None:
+    from engine_fast.runner import FastRunner
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dtype, bs = torch.float16, 16
+    batches = [int(b) for b in args.batches.split(",")]
+    bw, mm = copy_bandwidth(), matmul_rate(dtype)
+    cfg = llama31_8b(args.layers)
+    weights = random_weights(cfg, dtype)
+    max_blocks = max(batches) * -(-args.context // bs) + 1
+    config = EngineConfig(model=cfg, cache=CacheConfig(block_size=bs, num_kv_blocks=max_blocks),
+                          scheduler=SchedulerConfig(max_num_seqs=max(batches),
+                                                    max_model_len=max(args.context, args.prefill)),
+                          engine="fast", device="cuda", dtype=dtype)
+    runner = FastRunner(config, weights)
+    del weights
+    torch.cuda.empty_cache()
+    runner.allocate_kv_cache(max_blocks)
+
+    m = runner.model
+    linear_bytes = sum(t.numel() * t.element_size() for layer in m.layers
+                       for t in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
+                                 layer.down_proj))
+    head_bytes = m.lm_head.numel() * m.lm_head.element_size()
+    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    rows = []
+    for n in batches:
+        batch = decode_batch(n, args.context, bs)
+        ms = triton.testing.do_bench(lambda b=batch: runner.execute(b), warmup=10, rep=100)
+        step_bytes = linear_bytes + head_bytes + n * args.context * kv_bytes_per_token
+        roofline_ms = step_bytes / bw * 1e3
+        rows.append({"what": f"decode batch {n}, context {args.context}", "ms": ms,
+                     "tok/s": n / ms * 1e3, "roofline tok/s": n / roofline_ms * 1e3,
+                     "fraction": roofline_ms / ms})
+    # prefill: 2 * (linear params) * T + attention (causal: 2 * 2 * T^2/2 * H * D per layer)
+    t = args.prefill
+    pb = prefill_batch(t, bs)
+    ms = triton.testing.do_bench(lambda: runner.execute(pb), warmup=3, rep=20)
+    flops = 2 * (linear_bytes // 2) * t + 2 * cfg.num_layers * t * t * cfg.num_heads \
+        * cfg.head_dim + 2 * (head_bytes // 2)
+    rows.append({"what": f"prefill {t} tokens", "ms": ms, "TFLOP/s": flops / ms / 1e9,
+                 "fraction": flops / (ms * 1e-3) / mm})
+    # decode attention kernel alone, batch 64 x context 4096, one layer
+    n, ctx = 64, 4096
+    blocks = n * ctx // bs
+    kc = torch.randn(blocks, bs, cfg.num_kv_heads, cfg.head_dim, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(n, cfg.num_heads, cfg.head_dim, device="cuda", dtype=dtype)
+    tables = torch.arange(blocks, dtype=torch.int32, device="cuda").view(n, ctx // bs)
+    lens = torch.full((n,), ctx, dtype=torch.int32, device="cuda")
+    splits = runner._num_splits(n)
+    ms = triton.testing.do_bench(lambda: decode_attention(q, kc, vc, tables, lens,
+                                                          cfg.head_dim ** -0.5, splits))
+    kv = 2 * kc.numel() * kc.element_size()
+    rows.append({"what": f"decode attention kernel, batch {n} x context {ctx}", "ms": ms,
+                 "GB/s": kv / ms / 1e6, "fraction": kv / (ms * 1e-3) / bw})
+
+    print(f"device: {torch.cuda.get_device_name()}  date: {datetime.date.today()}  "
+          f"layers: {cfg.num_layers}  copy bandwidth: {bw / 1e12:.2f} TB/s  "
+          f"fp16 matmul: {mm / 1e12:.0f} TFLOP/s  weights: {(linear_bytes + head_bytes) / 1e9:.2f} GB")
+    print("| measurement | ms | rate | roofline fraction |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        rate = next(f"{r[k]:.1f} {k}" for k in ("tok/s", "TFLOP/s", "GB/s") if k in r)
+        extra = f" (roofline {r['roofline tok/s']:.1f} tok/s)" if "roofline tok/s" in r else ""
+        print(f"| {r['what']} | {r['ms']:.3f} | {rate}{extra} | {r['fraction']:.1%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth": bw, "matmul": mm, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Rotary embedding of q and k fused with writing k and v into their KV-cache slots.
+
+One launch per layer instead of three (rotate q, rotate k, store k/v): at batch-1 decode every
+layer is a dozen tiny kernels, and their launch gaps, not their bytes, set the step time.
+Grid (num_tokens, num_heads + num_kv_heads): programs h < num_heads rotate query head h in
+place; the others rotate key head h - num_heads and store it, with the matching value head,
+at the token's slot (slot -1 marks a padding row: nothing is written).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cs, stride_ch,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    angle = tl.load(positions_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + i)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    is_q = h < NUM_HEADS
+    kvh = h - NUM_HEADS
+    base = tl.where(is_q, q_ptr + t * stride_qt + h * stride_qh,
+                    k_ptr + t * stride_kt + kvh * stride_kh)
+    x1 = tl.load(base + i).to(tl.float32)
+    x2 = tl.load(base + HALF + i).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
+    tl.store(base + i, y1)
+    tl.store(base + HALF + i, y2)
+    if not is_q:
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            dst = slot * stride_cs + kvh * stride_ch
+            tl.store(k_cache_ptr + dst + i, y1)
+            tl.store(k_cache_ptr + dst + HALF + i, y2)
+            v = v_ptr + t * stride_vt + kvh * stride_vh
+            tl.store(v_cache_ptr + dst + i, tl.load(v + i))
+            tl.store(v_cache_ptr + dst + HALF + i, tl.load(v + HALF + i))
+
+
+def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        positions: torch.Tensor, inv_freq: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+    """Rotate q [T, H, D] and k [T, Hkv, D] in place by positions[t] * inv_freq (HF half-split
+    pairs (i, i + D/2)), then store k and v [T, Hkv, D] at their slots of the caches
+    [num_blocks, block_size, Hkv, D]."""
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape != (T, Hkv, D) or v.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ")
+    if any(x.stride(-1) != 1 for x in (q, k, v)) or not k_cache.is_contiguous() \
+            or not v_cache.is_contiguous() or k_cache.shape[2:] != (Hkv, D):
+        raise ValueError("q, k, v must be contiguous in head_dim and the caches contiguous "
+                         "[num_blocks, block_size, Hkv, D]")
+    if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32:
+        raise ValueError("inv_freq must be float32 [head_dim / 2]")
+    if T == 0:
+        return
+    _rotary_write_kv_kernel[(T, H + Hkv)](
+        q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        Hkv * D, D, NUM_HEADS=H, HALF=D // 2)
