@@ -1,0 +1,75 @@
+"""Serving-style throughput of the whole engine (scheduler, runner, sampler, detokenizer) at
+Llama-3.1-8B shapes with random weights: N concurrent requests of fixed input and output
+lengths, as in LMDeploy's and vLLM's offline throughput benchmarks (CUDA).
+
+    python -m bench.engine_throughput [--requests 100] [--input-len 1024] [--output-len 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from bench.fast_roofline import llama31_8b, random_weights
+from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from twinfer.engine import LLMEngine
+from twinfer.sampling import SamplingParams
+from twinfer.tokenizer import Tokenizer
+
+
+def word_tokenizer(vocab_size: int) -> Tokenizer:
+    """A word-level tokenizer covering the vocabulary (random weights need no real one)."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<s>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
+                                             eos_token="</s>"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=1024)
+    ap.add_argument("--engine", default="fast")
+    ap.add_argument("--layers", type=int, default=32)
+    args = ap.parse_args()
+    cfg = llama31_8b(args.layers)
+    total = args.input_len + args.output_len
+    blocks = args.requests * -(-total // 16) + 16
+    config = EngineConfig(model=cfg, cache=CacheConfig(num_kv_blocks=blocks,
+                                                       enable_prefix_caching=False),
+                          scheduler=SchedulerConfig(max_num_seqs=args.requests,
+                                                    max_num_batched_tokens=8192,
+                                                    max_model_len=total + 16),
+                          engine=args.engine, device="cuda", dtype=torch.float16)
+    engine = LLMEngine(config, random_weights(cfg, torch.float16), word_tokenizer(cfg.vocab_size))
+    torch.cuda.empty_cache()
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(args.requests):
+        prompt = [rng.randrange(2, cfg.vocab_size) for _ in range(args.input_len)]
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    print(f"device: {torch.cuda.get_device_name()}  engine: {args.engine}  requests: "
+          f"{args.requests} x ({args.input_len} in, {args.output_len} out)")
+    print("| output tokens | seconds | output tok/s | total tok/s | steps |")
+    print("|---:|---:|---:|---:|---:|")
+    out_tokens = engine.stats.num_generated_tokens
+    print(f"| {out_tokens} | {elapsed:.1f} | {out_tokens / elapsed:.0f} | "
+          f"{(out_tokens + args.requests * args.input_len) / elapsed:.0f} | "
+          f"{engine.stats.num_steps} |")
+
+
+if __name__ == "__main__":
+    main()
