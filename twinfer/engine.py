@@ -136,7 +136,9 @@ class LLMEngine:
             return []
         logits = self.runner.execute(batch)
         sample_seqs = [batch.seqs[i] for i in batch.sample_seq_indices]
-        sampled = self.sampler(logits[batch.sample_logit_rows], SamplerInput(
+        rows = batch.sample_logit_rows
+        sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        sampled = self.sampler(sample_logits, SamplerInput(
             params=[s.params for s in sample_seqs],
             generators=[s.generator for s in sample_seqs],
             prompt_token_ids=[s.prompt_token_ids for s in sample_seqs],
