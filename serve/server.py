@@ -17,7 +17,7 @@ def usage_examples(host: str, port: int, model: str, api_key: str | None) -> str
     return f"""twinfer is serving {model!r} on http://{host}:{port}/v1
 
   curl http://{host}:{port}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
-    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}'
 
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://{host}:{port}/v1', api_key='{key}'); print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello!'}}], max_tokens=32).choices[0].message.content)"
 """
