@@ -203,7 +203,9 @@ def test_disconnected_stream_is_aborted_and_frees_its_blocks(server):
         time.sleep(0.01)
     assert engine.block_manager.num_used_blocks == 0
     assert not engine.has_unfinished_requests()
-    assert engine.stats.num_steps - steps_at_disconnect < 100  # aborted, not run to the end
+    # The abort is applied before the next step: only the step already running when the
+    # disconnect arrived may finish (one more allowed for the test's own polling slack).
+    assert engine.stats.num_steps - steps_at_disconnect <= 2
     assert kv_blocks_in_use(url) == 0
 
 
