@@ -43,6 +43,8 @@ class FastRunner:
         # The decode kernel's attention over GQA groups needs no sliding-window support
         # when the model has none; otherwise decode goes through the prefill kernel.
         self._decode_kernel_ok = config.model.sliding_window is None
+        self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if self.device.type == "cuda" else 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate the caches, then (on CUDA) capture the decode graphs that read them."""
@@ -54,11 +56,10 @@ class FastRunner:
 
     def _num_splits(self, num_seqs: int) -> int:
         """Split the context so that sequences x KV heads x splits fill the GPU's SMs."""
-        if self.device.type != "cuda":
+        if not self._num_sms:
             return 1
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         work = num_seqs * self.config.model.num_kv_heads
-        return max(1, min(16, -(-2 * sms // work)))
+        return max(1, min(16, -(-2 * self._num_sms // work)))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

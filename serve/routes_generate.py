@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 
+from serve.async_engine import QueueFullError
 from serve.formatting import chat_logprobs, completion_logprobs, usage
 from serve.http_utils import (
     ServerState,
@@ -121,7 +122,6 @@ def _as_api_error(e: Exception) -> APIError:
         return e
     if isinstance(e, ValueError):
         return APIError(400, str(e))
-    from serve.async_engine import QueueFullError
     if isinstance(e, QueueFullError):
         return APIError(503, str(e), "server_overloaded")
     return APIError(500, f"engine error: {e}", "internal_error")
@@ -214,12 +214,25 @@ def _finish_reason(job: Job) -> str | None:
     return job.final.outputs[0].finish_reason
 
 
-async def create_completion(request: Request, state: ServerState):
+async def _accept(request: Request, state: ServerState, request_cls, make_jobs):
+    """Authenticate, parse and validate a generation request; its jobs, if there is room."""
     check_auth(request, state)
-    req = parse_request(CompletionRequest, await read_json(request, state))
+    req = parse_request(request_cls, await read_json(request, state))
     _check_common(req, state)
-    jobs = _completion_jobs(req, state)
+    jobs = make_jobs(req, state)
     state.check_capacity(len(jobs))
+    return req, jobs
+
+
+def _usage_chunk(req, base: dict, jobs: list[Job]):
+    """The final usage-only chunk of a stream, when stream_options.include_usage asks."""
+    if not (req.stream_options and req.stream_options.include_usage):
+        return None
+    return lambda: {**base, "choices": [], "usage": _usage_of(jobs)}
+
+
+async def create_completion(request: Request, state: ServerState):
+    req, jobs = await _accept(request, state, CompletionRequest, _completion_jobs)
     rid, created = new_id("cmpl"), int(time.time())
     base = {"id": rid, "object": "text_completion", "created": created,
             "model": state.model_name}
@@ -236,8 +249,6 @@ async def create_completion(request: Request, state: ServerState):
                             "stop_reason": job.final.outputs[0].stop_reason})
         state.metrics.record_status("200")
         return {**base, "choices": choices, "usage": _usage_of(jobs)}
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunks(job: Job, out: RequestOutput):
         comp = out.outputs[0]
@@ -262,9 +273,7 @@ async def create_completion(request: Request, state: ServerState):
         return [{**base, "choices": [{"index": job.index, "text": text, "logprobs": lp,
                                       "finish_reason": finish}]}]
 
-    final = (lambda: {**base, "choices": [], "usage": _usage_of(jobs)}) if include_usage \
-        else None
-    return streaming_response(_stream(state, jobs, chunks, final))
+    return streaming_response(_stream(state, jobs, chunks, _usage_chunk(req, base, jobs)))
 
 
 # -- /v1/chat/completions ---------------------------------------------------------------------
@@ -296,11 +305,7 @@ def _chat_jobs(req: ChatCompletionRequest, state: ServerState) -> list[Job]:
 
 
 async def create_chat_completion(request: Request, state: ServerState):
-    check_auth(request, state)
-    req = parse_request(ChatCompletionRequest, await read_json(request, state))
-    _check_common(req, state)
-    jobs = _chat_jobs(req, state)
-    state.check_capacity(len(jobs))
+    req, jobs = await _accept(request, state, ChatCompletionRequest, _chat_jobs)
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "created": created, "model": state.model_name}
     top_n = req.top_logprobs or 0
@@ -320,7 +325,6 @@ async def create_chat_completion(request: Request, state: ServerState):
         return {**base, "object": "chat.completion", "choices": choices,
                 "usage": _usage_of(jobs)}
 
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     chunk_base = {**base, "object": "chat.completion.chunk"}
 
     def chunks(job: Job, out: RequestOutput):
@@ -344,9 +348,8 @@ async def create_chat_completion(request: Request, state: ServerState):
                 "logprobs": lp, "finish_reason": finish}]})
         return result
 
-    final = (lambda: {**chunk_base, "choices": [], "usage": _usage_of(jobs)}) \
-        if include_usage else None
-    return streaming_response(_stream(state, jobs, chunks, final))
+    return streaming_response(_stream(state, jobs, chunks,
+                                      _usage_chunk(req, chunk_base, jobs)))
 
 
 def register_generate_routes(app: FastAPI, state: ServerState) -> None:

@@ -155,9 +155,3 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_table.clear()
         seq.num_published_blocks = 0
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block hash (e.g. after weights change)."""
-        self._cached.clear()
-        for block in self.blocks:
-            block.block_hash, block.token_ids = None, ()

@@ -50,18 +50,11 @@ class Tokenizer:
                 pass  # a read-only cache only costs the conversion time next start
         return cls(hf, eos_token_ids)
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.hf)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
-        return self.hf.convert_ids_to_tokens(token_ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render chat messages with the model's template into a prompt string."""
