@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from twinfer.config import ModelConfig
+from twinfer.quant import QuantizedWeight, quantize_activations_per_token
 from twinfer.weights import ModelWeights
 
 
@@ -65,11 +66,38 @@ class DenseLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+class QuantLinear:
+    """y = x W^T + b with W = (codes - zeros) * scales, dequantized at every call so the
+    weight stays quantized in memory. W8A8 (``act_bits == 8``) also rounds x per token to int8
+    and multiplies integers: y = (x_q W_q^T) * s_x * s_w, as an int8 kernel does."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.act_bits == 8:
+            x_q, x_scale = quantize_activations_per_token(x.reshape(-1, x.shape[-1]))
+            w_int = w.codes.float() - w.zeros.float()  # [N, K] integers in [-127, 127]
+            y = (x_q.float() @ w_int.t()) * x_scale * w.scales.t()  # [M, N] * [M, 1] * [1, N]
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, w.dequantize(x.dtype), self.bias)
+
+
+Linear = DenseLinear | QuantLinear
+
+
 def make_linear(weights: ModelWeights, prefix: str, device: torch.device | str,
-                dtype: torch.dtype, bias: bool = False) -> DenseLinear:
-    """The one place a checkpoint linear becomes an implementation (quantized kinds join here)."""
+                dtype: torch.dtype, bias: bool = False) -> DenseLinear | QuantLinear:
+    """The one place a checkpoint linear becomes an implementation: dense or quantized."""
     def load(name: str) -> torch.Tensor:
         # A fresh copy: tensors from safetensors may be only 8-byte aligned.
         return weights.get(name).to(device=device, dtype=dtype, copy=True)
 
-    return DenseLinear(load(prefix + ".weight"), load(prefix + ".bias") if bias else None)
+    b = load(prefix + ".bias") if bias else None
+    quantized = weights.quantized_linear(prefix)
+    if quantized is not None:
+        return QuantLinear(quantized.to(device), b)
+    return DenseLinear(load(prefix + ".weight"), b)

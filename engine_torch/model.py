@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from engine_torch.attention import paged_attention, write_kv_cache
 from engine_torch.layers import (
-    DenseLinear,
-    apply_rotary,
+    Linear,
+        apply_rotary,
     make_linear,
     rms_norm,
     rope_inv_freq,
@@ -34,16 +34,16 @@ from twinfer.weights import ModelWeights
 @dataclass
 class DecoderLayer:
     input_norm: torch.Tensor
-    q_proj: DenseLinear
-    k_proj: DenseLinear
-    v_proj: DenseLinear
-    o_proj: DenseLinear
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    o_proj: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_attention_norm: torch.Tensor
-    gate_proj: DenseLinear
-    up_proj: DenseLinear
-    down_proj: DenseLinear
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
 
 
 class LlamaModel:
@@ -56,7 +56,7 @@ class LlamaModel:
         def tensor(name: str) -> torch.Tensor:
             return weights.get(name).to(device=device, dtype=dtype, copy=True)
 
-        def linear(name: str, bias: bool = False) -> DenseLinear:
+        def linear(name: str, bias: bool = False) -> Linear:
             return make_linear(weights, name, device, dtype, bias)
 
         self.embed_tokens = tensor("model.embed_tokens.weight")  # [vocab, hidden]

@@ -1,4 +1,4 @@
-"""Command line: ``twinfer generate``, ``twinfer chat`` and ``twinfer serve``."""
+"""Command line: ``twinfer generate | chat | serve | quantize``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    from quantize import cli as quantize_cli
+    quantize_cli.register(sub)
     return parser
 
 
@@ -158,11 +160,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantize import cli as quantize_cli
+    return quantize_cli.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat,
-                "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+                "quantize": cmd_quantize}[args.command](args)
     except (ValueError, RuntimeError) as e:
         print(f"twinfer: error: {e}", file=sys.stderr)
         return 2

@@ -8,13 +8,15 @@ the same dictionary. Nothing is ever unpickled: only safetensors and GGUF are re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from twinfer.config import ModelConfig
+from twinfer.quant import QuantizedWeight
+from twinfer.quant_formats import QuantFormatError, read_quantized_linear
 
 
 class WeightsError(ValueError):
@@ -28,6 +30,20 @@ class ModelWeights:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
     source: Path
+    hf_config: dict = field(default_factory=dict)  # config.json as read (or built from GGUF)
+
+    @property
+    def quantization_config(self) -> dict | None:
+        """config.json's ``quantization_config`` (GPTQ, AWQ, compressed-tensors), if any."""
+        return self.hf_config.get("quantization_config") or None
+
+    def quantized_linear(self, prefix: str) -> QuantizedWeight | None:
+        """Linear ``prefix`` (e.g. ``model.layers.0.mlp.up_proj``) in the canonical quantized
+        layout, or None when the checkpoint stores it dense."""
+        try:
+            return read_quantized_linear(self.tensors, prefix, self.quantization_config)
+        except QuantFormatError as e:
+            raise WeightsError(f"{self.source}: {e}") from e
 
     def get(self, name: str) -> torch.Tensor:
         """Return one tensor, or fail naming the tensor and the checkpoint."""
@@ -38,6 +54,9 @@ class ModelWeights:
     def check_complete(self) -> None:
         """Fail, naming the first missing tensor, unless every tensor the model needs is here."""
         for name in expected_tensor_names(self.config):
+            linear = name.removesuffix(".weight")
+            if name.endswith("_proj.weight") and self.quantized_linear(linear) is not None:
+                continue
             self.get(name)
 
 
@@ -112,7 +131,7 @@ def load_hf_dir(path: Path) -> ModelWeights:
             tensors.update(load_file(str(shard)))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise WeightsError(f"{shard}: corrupt or truncated safetensors file ({e})") from e
-    return ModelWeights(config=config, tensors=tensors, source=path)
+    return ModelWeights(config=config, tensors=tensors, source=path, hf_config=cfg)
 
 
 # GGUF tensor names (llama.cpp) -> Hugging Face names.
@@ -224,4 +243,4 @@ def load_gguf(path: Path) -> ModelWeights:
                                                                  "attn_k.bias")):
             w = _unpermute_rotary(w, config.num_kv_heads)
         tensors[hf_name] = w
-    return ModelWeights(config=config, tensors=tensors, source=path)
+    return ModelWeights(config=config, tensors=tensors, source=path, hf_config=cfg_dict)

@@ -1,0 +1,202 @@
+"""Layer-by-layer quantization: calibration windows flow through the model one decoder layer
+at a time, so memory stays near one layer's weights plus the windows' hidden states.
+
+For each layer: one forward pass collects what the method needs about each linear's inputs
+(Hessians for GPTQ, magnitudes and a row sample for AWQ, maxima for SmoothQuant); the method
+rewrites the layer (folded scales) and quantizes its seven linears; a second forward pass
+through the *quantized* layer produces the next layer's inputs, so later layers calibrate
+against the errors of earlier ones, as GPTQ and AWQ do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from engine_torch.layers import rope_inv_freq, rotary_cos_sin
+from quantize import awq
+from quantize.calibration import calibration_windows
+from quantize.decoder_layer import LINEARS, layer_forward, layer_tensors
+from quantize.gptq import HessianAccumulator, gptq_quantize
+from quantize.smoothing import fold_scales, scale_groups, smoothquant_scales
+from twinfer.quant import QuantizedWeight, QuantScheme, quantize_rtn
+from twinfer.weights import ModelWeights
+
+METHODS = ("rtn", "awq", "gptq", "smoothquant")
+# The linear whose input each statistic describes; the others share it.
+_INPUT_OF = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+             "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+             "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
+             "mlp.down_proj": "mlp.down_proj"}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything ``quantize_model`` needs besides the weights."""
+
+    method: str
+    scheme: QuantScheme
+    calib: str = "default"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
+    alpha: float = 0.5  # SmoothQuant migration strength
+    awq_rows: int = 4096  # AWQ: calibration rows kept per input for the searches
+    batch_size: int = 8  # calibration windows per forward pass
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose {', '.join(METHODS)} "
+                             "(autoround runs through quantize.autoround)")
+        if self.method == "smoothquant" and self.scheme.act_bits != 8:
+            raise ValueError("smoothquant produces W8A8: use --wbits 8 --abits 8")
+        if self.scheme.act_bits == 8 and self.method != "smoothquant":
+            raise ValueError("8-bit activations come from --method smoothquant")
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized model in memory: canonical linears plus every other tensor (HF names)."""
+
+    source: ModelWeights
+    options: QuantizeOptions
+    linears: dict[str, QuantizedWeight]
+    dense: dict[str, torch.Tensor]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class _InputStats:
+    """What one forward pass learns about the inputs of a layer's linears."""
+
+    def __init__(self, method: str, total_rows: int, max_rows: int, device):
+        self.method, self.device = method, device
+        self.row_step = max(1, total_rows // max_rows)
+        self.hessian: dict[str, HessianAccumulator] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.abs_max: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.count = 0
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if _INPUT_OF[name] != name:
+            return
+        x = x.reshape(-1, x.shape[-1])
+        if self.method == "gptq":
+            self.hessian.setdefault(name, HessianAccumulator(x.shape[1], self.device)).add(x)
+        elif self.method == "smoothquant":
+            m = x.abs().amax(0)
+            self.abs_max[name] = torch.maximum(self.abs_max[name], m) if name in self.abs_max \
+                else m
+        elif self.method == "awq":
+            s = x.abs().sum(0)
+            self.abs_sum[name] = self.abs_sum[name] + s if name in self.abs_sum else s
+            self.rows.setdefault(name, []).append(x[::self.row_step].clone())
+        if name == "self_attn.q_proj":
+            self.count += x.shape[0]
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        return self.abs_sum[name] / self.count
+
+    def sample(self, name: str) -> torch.Tensor:
+        return torch.cat(self.rows[name])
+
+
+def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
+                   progress: bool = True) -> QuantizedModel:
+    """Quantize every decoder-layer linear of ``weights`` with ``options.method``."""
+    start = time.perf_counter()
+    cfg, device = weights.config, torch.device(options.device)
+    for i in range(cfg.num_layers):  # fail on a bad group size before any work
+        for name in LINEARS:
+            w = weights.tensors.get(f"model.layers.{i}.{name}.weight")
+            if w is not None:
+                options.scheme.group_size_for(w.shape[1], f"model.layers.{i}.{name}")
+    linear_names = {f"model.layers.{i}.{n}.weight" for i in range(cfg.num_layers)
+                    for n in LINEARS}
+    dense = {k: v for k, v in weights.tensors.items()
+             if k not in linear_names and not k.startswith("model.layers.")}
+    linears: dict[str, QuantizedWeight] = {}
+
+    x = cos = sin = None
+    if options.method != "rtn":
+        windows = calibration_windows(tokenizer, options.calib, options.calib_samples,
+                                      options.calib_seqlen, options.seed)
+        x = weights.get("model.embed_tokens.weight").to(device, torch.float32)[windows.to(device)]
+        positions = torch.arange(options.calib_seqlen, device=device)
+        cos, sin = rotary_cos_sin(positions, rope_inv_freq(cfg).to(device), torch.float32)
+
+    layers = tqdm(range(cfg.num_layers), desc=f"{options.method} {options.scheme.name}",
+                  unit="layer", disable=not progress)
+    for i in layers:
+        t = layer_tensors(weights.tensors, cfg, i, device)
+        if options.method == "rtn":
+            q = {n: quantize_rtn(t[n + ".weight"], options.scheme, f"model.layers.{i}.{n}")
+                 for n in LINEARS}
+        else:
+            stats = _InputStats(options.method, x.shape[0] * x.shape[1], options.awq_rows,
+                                device)
+            _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe)
+            q = _METHODS[options.method](cfg, t, stats, options, f"model.layers.{i}")
+            for name, qw in q.items():
+                t[name + ".weight"] = qw.dequantize()
+            x = _forward(cfg, t, x, cos, sin, options.batch_size, None,
+                         act_int8=options.scheme.act_bits == 8)
+        for name, qw in q.items():
+            linears[f"model.layers.{i}.{name}"] = qw.to("cpu")
+        for k, v in t.items():
+            if k.removesuffix(".weight") not in LINEARS:
+                dense[f"model.layers.{i}.{k}"] = v.cpu()
+    return QuantizedModel(weights, options, linears, dense, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _forward(cfg, t, x, cos, sin, batch_size, observe, act_int8=False) -> torch.Tensor:
+    out = [layer_forward(cfg, t, x[b:b + batch_size], cos, sin, observe, act_int8)
+           for b in range(0, x.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+def _gptq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
+    return {n: gptq_quantize(t[n + ".weight"], stats.hessian[_INPUT_OF[n]].H, options.scheme,
+                             f"{prefix}.{n}", options.act_order, options.damp)
+            for n in LINEARS}
+
+
+def _smoothquant(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
+    for group in scale_groups(cfg):
+        absmax = stats.abs_max[_INPUT_OF[group.linears[0]]]
+        s = smoothquant_scales(absmax, [t[n + ".weight"] for n in group.linears], options.alpha)
+        fold_scales(t, group, s)
+    return {n: quantize_rtn(t[n + ".weight"], options.scheme, f"{prefix}.{n}") for n in LINEARS}
+
+
+def _awq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
+    input_scale = {}
+    for group in scale_groups(cfg):
+        key = _INPUT_OF[group.linears[0]]
+        s = awq.search_scale(stats.sample(key), stats.mean_abs(key),
+                             [t[n + ".weight"] for n in group.linears], options.scheme,
+                             f"{prefix}.{group.linears[0]}")
+        fold_scales(t, group, s)
+        input_scale[key] = s
+    q = {}
+    for n in LINEARS:
+        key = _INPUT_OF[n]
+        w = t[n + ".weight"]
+        if n not in ("self_attn.q_proj", "self_attn.k_proj"):
+            x = stats.sample(key)
+            if key in input_scale:
+                x = x / input_scale[key]
+            w = awq.apply_clip(w, awq.search_clip(x, w, options.scheme, f"{prefix}.{n}"))
+        q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
+    return q
+
+
+_METHODS = {"gptq": _gptq, "smoothquant": _smoothquant, "awq": _awq}
