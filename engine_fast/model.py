@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine_fast.linear import FastLinear, build_fast_linear
 from engine_torch.layers import rope_inv_freq
 from kernels.decode_attention import decode_attention
 from kernels.elementwise import rms_norm, silu_and_mul
@@ -23,14 +24,13 @@ from twinfer.weights import ModelWeights
 @dataclass
 class FastLayer:
     input_norm: torch.Tensor
-    qkv_proj: torch.Tensor  # [(H + 2 Hkv) D, hidden]: q, k, v rows stacked, one GEMM
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    qkv_proj: FastLinear  # [(H + 2 Hkv) D, hidden]: q, k, v rows stacked, one GEMM
+    o_proj: FastLinear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_attention_norm: torch.Tensor
-    gate_up_proj: torch.Tensor  # [2 I, hidden]: gate rows then up rows, one GEMM
-    down_proj: torch.Tensor
+    gate_up_proj: FastLinear  # [2 I, hidden]: gate rows then up rows, one GEMM
+    down_proj: FastLinear
 
 
 class FastLlama:
@@ -39,9 +39,11 @@ class FastLlama:
     def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
         cfg = self.config = weights.config
 
-        def t(*names: str) -> torch.Tensor:
-            parts = [weights.get(n).to(device=device, dtype=dtype, copy=True) for n in names]
-            return torch.cat(parts).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        def t(name: str) -> torch.Tensor:
+            return weights.get(name).to(device=device, dtype=dtype, copy=True).contiguous()
+
+        def linear(*prefixes: str, bias: bool = False) -> FastLinear:
+            return build_fast_linear(weights, list(prefixes), device, dtype, bias)
 
         self.embed_tokens = t("model.embed_tokens.weight")
         self.layers = []
@@ -50,15 +52,13 @@ class FastLlama:
             a = p + "self_attn."
             self.layers.append(FastLayer(
                 input_norm=t(p + "input_layernorm.weight"),
-                qkv_proj=t(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                qkv_bias=t(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
-                if cfg.qkv_bias else None,
-                o_proj=t(a + "o_proj.weight"),
+                qkv_proj=linear(a + "q_proj", a + "k_proj", a + "v_proj", bias=cfg.qkv_bias),
+                o_proj=linear(a + "o_proj"),
                 q_norm=t(a + "q_norm.weight") if cfg.qk_norm else None,
                 k_norm=t(a + "k_norm.weight") if cfg.qk_norm else None,
                 post_attention_norm=t(p + "post_attention_layernorm.weight"),
-                gate_up_proj=t(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                down_proj=t(p + "mlp.down_proj.weight"),
+                gate_up_proj=linear(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                down_proj=linear(p + "mlp.down_proj"),
             ))
         self.norm = t("model.norm.weight")
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t("lm_head.weight")
@@ -75,7 +75,7 @@ class FastLlama:
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = rms_norm(x, layer.input_norm, eps, residual)
-            qkv = F.linear(h, layer.qkv_proj, layer.qkv_bias)
+            qkv = layer.qkv_proj(h)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
             if cfg.qk_norm:
@@ -90,9 +90,9 @@ class FastLlama:
                 o = prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                       meta.query_start_loc, meta.context_lens,
                                       meta.query_lens_cpu, D ** -0.5, cfg.sliding_window)
-            x = F.linear(o.view(T, H * D), layer.o_proj)
+            x = layer.o_proj(o.view(T, H * D))
             h, residual = rms_norm(x, layer.post_attention_norm, eps, residual)
-            x = F.linear(silu_and_mul(F.linear(h, layer.gate_up_proj)), layer.down_proj)
+            x = layer.down_proj(silu_and_mul(layer.gate_up_proj(h)))
         return rms_norm(x, self.norm, eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

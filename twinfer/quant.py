@@ -91,6 +91,32 @@ class QuantizedWeight:
         w = (self.codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]
         return w.to(dtype)
 
+    @staticmethod
+    def concat(parts: list[QuantizedWeight], name: str = "linear") -> QuantizedWeight:
+        """Stack weights along the output dimension (fused QKV / gate-up), which must agree
+        on bits, group size, activation bits and act-order group index."""
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.bits, p.group_size, p.act_bits) != (first.bits, first.group_size,
+                                                      first.act_bits):
+                raise ValueError(f"{name}: cannot fuse linears quantized differently")
+            if (p.g_idx is None) != (first.g_idx is None) or (
+                    p.g_idx is not None and not torch.equal(p.g_idx, first.g_idx)):
+                raise ValueError(f"{name}: cannot fuse linears with different act-order")
+        return QuantizedWeight(torch.cat([p.codes for p in parts]),
+                               torch.cat([p.scales for p in parts]),
+                               torch.cat([p.zeros for p in parts]), first.bits,
+                               first.group_size, first.act_bits, first.g_idx)
+
+    def with_contiguous_groups(self) -> tuple[QuantizedWeight, torch.Tensor | None]:
+        """Act-order weights with input channels sorted by group, and the permutation the
+        activations' columns need (x[:, perm]); (self, None) when groups are contiguous."""
+        if self.g_idx is None:
+            return self, None
+        perm = torch.argsort(self.g_idx.long(), stable=True)
+        return QuantizedWeight(self.codes[:, perm].contiguous(), self.scales, self.zeros,
+                               self.bits, self.group_size, self.act_bits), perm
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
             self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.bits,

@@ -1,0 +1,53 @@
+"""FastLinear: one GEMM of engine_fast, cuBLAS for dense weights and the Triton quantized
+GEMMs of kernels/quant_matmul.py for quantized ones (repacked once, at load time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.quant_matmul import PreparedQuantWeight, prepare_quant_weight, quant_linear
+from twinfer.quant import QuantizedWeight
+from twinfer.weights import ModelWeights, WeightsError
+
+
+@dataclass
+class FastLinear:
+    """y = x W^T + b, W dense [N, K] or quantized."""
+
+    weight: torch.Tensor | None
+    quantized: PreparedQuantWeight | None
+    bias: torch.Tensor | None = None
+    input_perm: torch.Tensor | None = None  # act-order: gather x's columns into group order
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]
+        return quant_linear(x, self.quantized, self.bias)
+
+
+def build_fast_linear(weights: ModelWeights, prefixes: list[str], device: torch.device,
+                      dtype: torch.dtype, bias: bool = False) -> FastLinear:
+    """One FastLinear computing the linears ``prefixes`` side by side (outputs concatenated)."""
+    def load(name: str) -> torch.Tensor:
+        return weights.get(name).to(device=device, dtype=dtype, copy=True)
+
+    b = torch.cat([load(p + ".bias") for p in prefixes]).contiguous() if bias else None
+    quantized = [weights.quantized_linear(p) for p in prefixes]
+    if all(q is None for q in quantized):
+        w = torch.cat([load(p + ".weight") for p in prefixes]).contiguous()
+        return FastLinear(w, None, b)
+    if any(q is None for q in quantized):
+        raise WeightsError(f"{weights.source}: {', '.join(prefixes)} mix quantized and dense "
+                           "weights; engine_fast fuses them into one GEMM")
+    try:
+        fused = QuantizedWeight.concat(quantized, prefixes[0])
+    except ValueError as e:
+        raise WeightsError(f"{weights.source}: {e}") from e
+    fused, perm = fused.with_contiguous_groups()
+    return FastLinear(None, prepare_quant_weight(fused.to(device), dtype), b,
+                      None if perm is None else perm.to(device))

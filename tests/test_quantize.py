@@ -1,0 +1,262 @@
+"""quantize/: the methods reduce error where they claim to, the calibration forward is the
+engine's forward, and a saved checkpoint computes what its fake-quantized weights compute."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import collect_logits
+from safetensors.torch import save_file
+
+from engine_torch.layers import rms_norm, rope_inv_freq, rotary_cos_sin
+from quantize.awq import apply_clip, search_clip, search_scale
+from quantize.calibration import CalibrationError, calibration_windows, load_calibration_texts
+from quantize.cli import quantize_checkpoint
+from quantize.decoder_layer import layer_forward, layer_tensors
+from quantize.gptq import HessianAccumulator, gptq_quantize
+from quantize.pipeline import QuantizeOptions
+from quantize.smoothing import fold_scales, scale_groups
+from twinfer.cli import main as cli_main
+from twinfer.quant import QuantScheme, fake_quantize
+from twinfer.tokenizer import Tokenizer
+from twinfer.weights import load_weights
+
+PROMPTS = [[0, 5, 9, 33, 7, 100, 200, 3, 4], [0, 17, 250, 11]]
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    """Text in the tiny models' word vocabulary ("w2" ... "w255")."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    docs = [" ".join(f"w{rng.randrange(2, 256)}" for _ in range(300)) for _ in range(20)]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def correlated_inputs(n=512, k=128, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    scales = torch.rand(k, generator=g) * 3 + 0.1
+    return (torch.randn(n, k, generator=g) @ mix) * scales
+
+
+def output_error(x, w, w_hat) -> float:
+    return (x @ (w - w_hat).t()).pow(2).mean().item()
+
+
+def test_gptq_has_lower_output_error_than_rtn():
+    x, w = correlated_inputs(), torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    acc = HessianAccumulator(128, "cpu")
+    for chunk in x.split(100):
+        acc.add(chunk)
+    scheme = QuantScheme(4, 32, sym=False)
+    gptq = gptq_quantize(w, acc.H, scheme, "l").dequantize()
+    rtn = fake_quantize(w, scheme)
+    assert output_error(x, w, gptq) < 0.7 * output_error(x, w, rtn)
+
+
+def test_hessian_accumulator_equals_two_xtx_over_n():
+    x = correlated_inputs(n=300)
+    acc = HessianAccumulator(128, "cpu")
+    for chunk in x.split(70):
+        acc.add(chunk)
+    torch.testing.assert_close(acc.H, 2 * x.t() @ x / 300, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_act_order_records_groups_and_beats_rtn():
+    x, w = correlated_inputs(), torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    acc = HessianAccumulator(128, "cpu")
+    acc.add(x)
+    scheme = QuantScheme(4, 32, sym=True)
+    qw = gptq_quantize(w, acc.H, scheme, "l", act_order=True)
+    assert qw.g_idx is not None and sorted(torch.bincount(qw.g_idx).tolist()) == [32] * 4
+    assert output_error(x, w, qw.dequantize()) < output_error(x, w, fake_quantize(w, scheme))
+
+
+def test_awq_scale_search_protects_salient_channels():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, :4] *= 30  # a few outlier input channels, as in real activations
+    w = torch.randn(64, 128, generator=g)
+    scheme = QuantScheme(4, 32, sym=False)
+    s = search_scale(x, x.abs().mean(0), [w], scheme, "l")
+    awq = fake_quantize(w * s, scheme) / s
+    assert output_error(x, w, awq) < 0.8 * output_error(x, w, fake_quantize(w, scheme))
+
+
+def test_awq_clip_search_never_increases_group_error():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(256, 128, generator=g), torch.randn(64, 128, generator=g)
+    w[:, 5] *= 8  # an outlier weight stretches its group's range
+    scheme = QuantScheme(4, 32, sym=False)
+    clipped = fake_quantize(apply_clip(w, search_clip(x, w, scheme, "l")), scheme)
+    assert output_error(x, w, clipped) <= output_error(x, w, fake_quantize(w, scheme)) + 1e-9
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_folding_scales_preserves_the_layer_function(tiny_model_factory, arch):
+    weights = load_weights(tiny_model_factory(arch))
+    cfg = weights.config
+    t = {k: v.double() for k, v in layer_tensors(weights.tensors, cfg, 0, "cpu").items()}
+    x = torch.randn(2, 10, cfg.hidden_size, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(10), rope_inv_freq(cfg), torch.float64)
+    before = layer_forward(cfg, t, x, cos, sin)
+    for group in scale_groups(cfg):
+        k = t[group.linears[0] + ".weight"].shape[1]
+        fold_scales(t, group, torch.rand(k, dtype=torch.float64) * 4 + 0.25)
+    torch.testing.assert_close(layer_forward(cfg, t, x, cos, sin), before, rtol=1e-10,
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_calibration_forward_equals_engine_forward(tiny_model_factory, arch):
+    path = tiny_model_factory(arch)
+    weights = load_weights(path)
+    cfg = weights.config
+    ids = torch.tensor([PROMPTS[0]])
+    x = weights.get("model.embed_tokens.weight")[ids]
+    cos, sin = rotary_cos_sin(torch.arange(ids.shape[1]), rope_inv_freq(cfg), torch.float32)
+    for i in range(cfg.num_layers):
+        x = layer_forward(cfg, layer_tensors(weights.tensors, cfg, i, "cpu"), x, cos, sin)
+    head = weights.tensors.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+    logits = rms_norm(x, weights.get("model.norm.weight"), cfg.rms_norm_eps)[0] @ head.t()
+    torch.testing.assert_close(logits, collect_logits(path, PROMPTS[:1], 64)[0], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_calibration_windows_are_deterministic_per_seed(tiny_model_factory, calib_file):
+    tok = Tokenizer.load(tiny_model_factory("llama"))
+    a = calibration_windows(tok, str(calib_file), 8, 32, seed=0)
+    assert a.shape == (8, 32)
+    assert torch.equal(a, calibration_windows(tok, str(calib_file), 8, 32, seed=0))
+    assert not torch.equal(a, calibration_windows(tok, str(calib_file), 8, 32, seed=1))
+
+
+def test_default_calibration_text_ships_with_python():
+    assert sum(len(t) for t in load_calibration_texts("default")) > 100_000
+
+
+def test_bad_calibration_sources_are_named(tmp_path):
+    with pytest.raises(CalibrationError, match="nope.txt"):
+        load_calibration_texts(str(tmp_path / "nope.txt"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(CalibrationError, match="bad.jsonl:2"):
+        load_calibration_texts(str(bad))
+
+
+def fake_quantized_checkpoint(quant_dir: Path, out: Path) -> Path:
+    """The dense checkpoint a quantized one stands for: every quantized linear dequantized."""
+    weights = load_weights(quant_dir)
+    tensors = {}
+    for name, t in weights.tensors.items():
+        prefix, _, kind = name.rpartition(".")
+        if kind in ("qweight", "weight_scale") or (kind == "weight" and t.dtype == torch.int8):
+            tensors[prefix + ".weight"] = weights.quantized_linear(prefix).dequantize()
+        elif kind not in ("qzeros", "scales", "g_idx"):
+            tensors[name] = t.float()
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    del cfg["quantization_config"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in quant_dir.glob("tokenizer*"):
+        shutil.copy(f, out)
+    return out
+
+
+CASES = {
+    "rtn-w4-g32-asym": ("rtn", QuantScheme(4, 32, False)),
+    "rtn-w8-channel": ("rtn", QuantScheme(8, -1, True)),
+    "gptq-w4-g32-sym-actorder": ("gptq", QuantScheme(4, 32, True)),
+    "awq-w4-g32": ("awq", QuantScheme(4, 32, False)),
+    "smoothquant-w8a8": ("smoothquant", QuantScheme(8, -1, True, act_bits=8)),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tiny_model_factory, calib_file, tmp_path_factory):
+    """Each CASES entry quantized from the tiny llama (some calibration) and saved."""
+    cache = {}
+
+    def get(case: str) -> Path:
+        if case not in cache:
+            method, scheme = CASES[case]
+            out = tmp_path_factory.mktemp(case) / "q"
+            options = QuantizeOptions(method, scheme, calib=str(calib_file), calib_samples=8,
+                                      calib_seqlen=64, act_order="actorder" in case)
+            quantize_checkpoint(str(tiny_model_factory("llama")), out, options, progress=False)
+            cache[case] = out
+        return cache[case]
+
+    return get
+
+
+WEIGHT_ONLY = [c for c in CASES if CASES[c][1].act_bits == 16]
+
+
+@pytest.mark.parametrize("case", WEIGHT_ONLY)
+def test_saved_checkpoint_matches_its_fake_quantized_weights(quantized_tiny, case, tmp_path):
+    qdir = quantized_tiny(case)
+    dense = fake_quantized_checkpoint(qdir, tmp_path / "dense")
+    for a, b in zip(collect_logits(qdir, PROMPTS, 5), collect_logits(dense, PROMPTS, 5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_w8a8_checkpoint_matches_simulated_int8_activations(quantized_tiny, tmp_path):
+    """The engine's integer W8A8 path against the calibration forward, which rounds
+    activations per token and multiplies by the dequantized weights."""
+    qdir = quantized_tiny("smoothquant-w8a8")
+    dense = load_weights(fake_quantized_checkpoint(qdir, tmp_path / "dense"))
+    cfg = dense.config
+    ids = torch.tensor([PROMPTS[0]])
+    x = dense.get("model.embed_tokens.weight")[ids]
+    cos, sin = rotary_cos_sin(torch.arange(ids.shape[1]), rope_inv_freq(cfg), torch.float32)
+    for i in range(cfg.num_layers):
+        x = layer_forward(cfg, layer_tensors(dense.tensors, cfg, i, "cpu"), x, cos, sin,
+                          act_int8=True)
+    logits = rms_norm(x, dense.get("model.norm.weight"), cfg.rms_norm_eps)[0] @ \
+        dense.get("lm_head.weight").t()
+    torch.testing.assert_close(collect_logits(qdir, PROMPTS[:1], 64)[0], logits, rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantized_logits_stay_close_to_the_original(quantized_tiny, tiny_model_factory, case):
+    base = collect_logits(tiny_model_factory("llama"), PROMPTS, 64)
+    quant = collect_logits(quantized_tiny(case), PROMPTS, 64)
+    bound = 0.02 if CASES[case][1].bits == 8 else 0.15  # relative to the logits' spread
+    for a, b in zip(base, quant):
+        assert (a - b).abs().max() <= bound * a.abs().max()
+
+
+def test_cli_quantize_then_generate(tiny_model_factory, calib_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli_main(["quantize", str(tiny_model_factory("llama")), "--method", "gptq",
+                     "--group-size", "32", "--sym", "--calib", str(calib_file),
+                     "--calib-samples", "4", "--calib-seqlen", "32", "-o", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "gptq w4a16-g32-sym" in summary and "smaller" in summary
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+    assert cli_main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-tokens", "4",
+                     "--ignore-eos"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_cli_rejects_group_size_that_does_not_divide(tiny_model_factory, tmp_path, capsys):
+    code = cli_main(["quantize", str(tiny_model_factory("llama")), "--method", "rtn",
+                     "--group-size", "48", "-o", str(tmp_path / "q")])
+    assert code == 2
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().err
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(quantized_tiny):
+    options = QuantizeOptions("rtn", QuantScheme(4, 32))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(str(quantized_tiny("rtn-w4-g32-asym")), "/nonexistent", options)
