@@ -25,7 +25,7 @@ from quantize.smoothing import fold_scales, scale_groups, smoothquant_scales
 from twinfer.quant import QuantizedWeight, QuantScheme, quantize_rtn
 from twinfer.weights import ModelWeights
 
-METHODS = ("rtn", "awq", "gptq", "smoothquant")
+METHODS = ("rtn", "awq", "gptq", "smoothquant", "autoround")
 # The linear whose input each statistic describes; the others share it.
 _INPUT_OF = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
              "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",

@@ -260,3 +260,18 @@ def test_quantizing_a_quantized_checkpoint_is_refused(quantized_tiny):
     options = QuantizeOptions("rtn", QuantScheme(4, 32))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(str(quantized_tiny("rtn-w4-g32-asym")), "/nonexistent", options)
+
+
+def test_autoround_checkpoint_loads_and_stays_close(tiny_model_factory, calib_file, tmp_path):
+    """auto-round's own GPTQ export (another tool's bits) read by twinfer's loader."""
+    pytest.importorskip("auto_round")
+    out = tmp_path / "ar"
+    options = QuantizeOptions("autoround", QuantScheme(4, 32, sym=True), calib=str(calib_file),
+                              calib_samples=4, calib_seqlen=32)
+    summary = quantize_checkpoint(str(tiny_model_factory("llama")), out, options, iters=2,
+                                  progress=False)
+    assert summary.format == "gptq"
+    assert load_weights(out).quantization_config["quant_method"] == "gptq"
+    base = collect_logits(tiny_model_factory("llama"), PROMPTS, 64)
+    for a, b in zip(base, collect_logits(out, PROMPTS, 64)):
+        assert (a - b).abs().max() <= 0.15 * a.abs().max()

@@ -1,4 +1,4 @@
-"""Command line: ``twinfer generate | chat | serve | quantize``."""
+"""Command line: ``twinfer generate | chat | serve | quantize | eval | bench``."""
 
 from __future__ import annotations
 
@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    from bench import cli as bench_cli
     from quantize import cli as quantize_cli
+    from twinfer import cli_eval
     quantize_cli.register(sub)
+    cli_eval.register(sub)
+    bench_cli.register(sub)
     return parser
 
 
@@ -165,11 +169,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return quantize_cli.run(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from twinfer import cli_eval
+    return cli_eval.run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import cli as bench_cli
+    return bench_cli.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
-                "quantize": cmd_quantize}[args.command](args)
+                "quantize": cmd_quantize, "eval": cmd_eval,
+                "bench": cmd_bench}[args.command](args)
     except (ValueError, RuntimeError) as e:
         print(f"twinfer: error: {e}", file=sys.stderr)
         return 2
