@@ -1,0 +1,124 @@
+"""Quantized linears (kernels/quant_matmul.py) at Llama-3.1-8B shapes against fp16 cuBLAS and
+the copy bandwidth measured in the same run (CUDA only).
+
+    PYTHONPATH=. python -m bench.quant_kernels [--quick] [--sweep]
+
+Bytes counted per call: the weight as stored (codes + scales + zeros) plus x read and y
+written. Small M is bound by those bytes, so GB/s over the device-to-device copy rate (read +
+write) is the figure of merit; large M is bound by the tensor cores, so speed vs fp16 is.
+``--sweep`` also times a handful of tile configs per case and prints the best, for retuning
+``choose_config`` on a new GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from kernels.quant_matmul import (
+    KernelConfig,
+    _num_sms,
+    choose_config,
+    prepare_quant_weight,
+    quant_linear,
+)
+from twinfer.quant import QuantScheme, quantize_rtn
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N)
+ROWS = [1, 16, 256, 2048]
+SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1, True),
+           "w8a8": QuantScheme(8, -1, True, act_bits=8)}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB in bytes/s (read + write counted)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep_configs(m: int, bits: int, act_bits: int) -> list[KernelConfig]:
+    """A few tile shapes around each kernel's default, with split-K from 1 to 8."""
+    if m <= 4 and act_bits == 16:
+        tiles = [("gemv", triton.next_power_of_2(m), bn, bk, w)
+                 for bn in (16, 32, 64) for bk in ((256, 512) if bits == 4 else (128, 256))
+                 for w in (4,)]
+    elif m <= 16:
+        tiles = [("dot", 16, bn, bk, 4) for bn in (32, 64, 128) for bk in (128, 256)]
+    elif m <= 256:
+        tiles = [("dot", bm, bn, bk, w) for bm, bn, bk, w in
+                 [(64, 128, 64, 4), (128, 128, 64, 8), (128, 64, 64, 4), (64, 64, 128, 4),
+                  (128, 128, 128, 8), (128, 256, 64, 8)]]
+    else:
+        tiles = [("dot", bm, bn, bk, w) for bm, bn, bk, w in
+                 [(128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 128, 8),
+                  (64, 256, 64, 4)]]
+    splits = (1, 2, 4, 8) if m <= 16 else (1,)
+    stages = (3, 4) if m > 16 else (4,)
+    return [KernelConfig(k, bm, bn, bk, s, w, st)
+            for k, bm, bn, bk, w in tiles for s in splits for st in stages]
+
+
+def run_case(k: int, n: int, m: int, copy_bw: float, sweep: bool) -> dict:
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    dense = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+    act_bytes = (m * k + m * n) * 2
+    ms = bench_ms(lambda: x @ dense.T)
+    row = {"K": k, "N": n, "M": m, "fp16": (ms, (n * k * 2 + act_bytes) / (ms * 1e-3))}
+    print(f"K={k} N={n} M={m}  fp16 {ms * 1e3:8.1f} us  "
+          f"{row['fp16'][1] / 1e9:7.0f} GB/s ({100 * row['fp16'][1] / copy_bw:3.0f}% copy)  "
+          f"{2 * m * n * k / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
+    for name, scheme in SCHEMES.items():
+        w = prepare_quant_weight(quantize_rtn(dense, scheme), torch.float16)
+        default = choose_config(m, n, k, w, _num_sms(x.device))
+        ms = bench_ms(lambda w=w: quant_linear(x, w))
+        best = (ms, default)
+        if sweep:
+            for cfg in sweep_configs(m, w.bits, w.act_bits):
+                try:
+                    t = bench_ms(lambda w=w, cfg=cfg: quant_linear(x, w, config=cfg))
+                except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
+                    print(f"    {cfg}: {type(e).__name__}")
+                    continue
+                best = min(best, (t, cfg), key=lambda b: b[0])
+        rate = (w.nbytes + act_bytes) / (ms * 1e-3)
+        row[name] = (ms, rate)
+        print(f"    {name:11s} {ms * 1e3:8.1f} us  {rate / 1e9:7.0f} GB/s "
+              f"({100 * rate / copy_bw:3.0f}% copy)  {row['fp16'][0] / ms:5.2f}x fp16")
+        if sweep:
+            print(f"        default {default}\n        best {best[0] * 1e3:.1f} us {best[1]}")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 2048}")
+    ap.add_argument("--sweep", action="store_true", help="also search tile configs per case")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.quant_kernels needs a CUDA device")
+    shapes, rows = (SHAPES[:1] + SHAPES[-1:], [1, 2048]) if args.quick else (SHAPES, ROWS)
+    copy_bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e9:.0f} GB/s, "
+          f"triton {triton.__version__}, torch {torch.__version__}")
+    results = [run_case(k, n, m, copy_bw, args.sweep) for k, n in shapes for m in rows]
+    names = list(SCHEMES)
+    print("\n| K | N | M | fp16 us | " + " | ".join(f"{s} us (x fp16, % copy)" for s in names)
+          + " |")
+    print("|---:|---:|---:|---:|" + "---:|" * len(names))
+    for r in results:
+        cells = [f"{r[s][0] * 1e3:.1f} ({r['fp16'][0] / r[s][0]:.2f}x, "
+                 f"{100 * r[s][1] / copy_bw:.0f}%)" for s in names]
+        print(f"| {r['K']} | {r['N']} | {r['M']} | {r['fp16'][0] * 1e3:.1f} | "
+              + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
