@@ -118,7 +118,7 @@ def main() -> None:
     runner.allocate_kv_cache(max_blocks)
 
     m = runner.model
-    linear_bytes = sum(t.numel() * t.element_size() for layer in m.layers
+    linear_bytes = sum(t.nbytes for layer in m.layers
                        for t in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
                                  layer.down_proj))
     head_bytes = m.lm_head.numel() * m.lm_head.element_size()

@@ -22,6 +22,13 @@ class FastLinear:
     bias: torch.Tensor | None = None
     input_perm: torch.Tensor | None = None  # act-order: gather x's columns into group order
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes a forward pass reads for the weight (packed codes and scales if quantized)."""
+        if self.quantized is None:
+            return self.weight.numel() * self.weight.element_size()
+        return self.quantized.nbytes
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is None:
             return F.linear(x, self.weight, self.bias)

@@ -109,8 +109,13 @@ class _InputStats:
 
 
 def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
-                   progress: bool = True) -> QuantizedModel:
-    """Quantize every decoder-layer linear of ``weights`` with ``options.method``."""
+                   progress: bool = True, windows: torch.Tensor | None = None,
+                   num_layers: int | None = None) -> QuantizedModel:
+    """Quantize every decoder-layer linear of ``weights`` with ``options.method``.
+
+    ``windows`` (int64 [n, T]) replaces the calibration text when given; ``num_layers`` stops
+    after that many layers (benchmarks time a few layers of a large model).
+    """
     start = time.perf_counter()
     cfg, device = weights.config, torch.device(options.device)
     for i in range(cfg.num_layers):  # fail on a bad group size before any work
@@ -126,13 +131,15 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
 
     x = cos = sin = None
     if options.method != "rtn":
-        windows = calibration_windows(tokenizer, options.calib, options.calib_samples,
-                                      options.calib_seqlen, options.seed)
-        x = weights.get("model.embed_tokens.weight").to(device, torch.float32)[windows.to(device)]
-        positions = torch.arange(options.calib_seqlen, device=device)
+        if windows is None:
+            windows = calibration_windows(tokenizer, options.calib, options.calib_samples,
+                                          options.calib_seqlen, options.seed)
+        embed = weights.get("model.embed_tokens.weight")
+        x = embed[windows.to(embed.device)].to(device, torch.float32)  # [n, T, hidden]
+        positions = torch.arange(windows.shape[1], device=device)
         cos, sin = rotary_cos_sin(positions, rope_inv_freq(cfg).to(device), torch.float32)
 
-    layers = tqdm(range(cfg.num_layers), desc=f"{options.method} {options.scheme.name}",
+    layers = tqdm(range(num_layers or cfg.num_layers), desc=f"{options.method} {options.scheme.name}",
                   unit="layer", disable=not progress)
     for i in layers:
         t = layer_tensors(weights.tensors, cfg, i, device)

@@ -32,14 +32,14 @@ def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [R / f, C] from integers [R, C] in [0, 2**bits): row r*f + j at bits j*bits."""
     f = 32 // bits
     v = values.to(torch.int64).reshape(-1, f, values.shape[1])
-    shifts = (torch.arange(f, dtype=torch.int64) * bits).view(1, f, 1)
+    shifts = (torch.arange(f, dtype=torch.int64, device=v.device) * bits).view(1, f, 1)
     packed = (v << shifts).sum(1)  # disjoint bit fields: sum == bitwise or
     return _to_int32(packed)
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     f = 32 // bits
-    shifts = (torch.arange(f, dtype=torch.int32) * bits).view(1, f, 1)
+    shifts = (torch.arange(f, dtype=torch.int32, device=packed.device) * bits).view(1, f, 1)
     v = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (2 ** bits - 1)
     return v.reshape(-1, packed.shape[1])
 
@@ -89,7 +89,8 @@ def unpack_gptq(t: dict[str, torch.Tensor], bits: int, name: str) -> QuantizedWe
     group_size = K // G
     if g_idx is not None:
         g_idx = g_idx.to(torch.int32)
-        if torch.equal(g_idx, torch.arange(K, dtype=torch.int32) // group_size):
+        if torch.equal(g_idx, torch.arange(K, dtype=torch.int32, device=g_idx.device)
+                       // group_size):
             g_idx = None  # plain contiguous groups: no need to carry the index
     return QuantizedWeight(codes=codes.to(torch.uint8).contiguous(),
                            scales=scales.float().t().contiguous(),
@@ -105,7 +106,7 @@ def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
                                f"{qw.bits}-bit [{N}, {K}]")
     if qw.g_idx is not None:
         raise QuantFormatError("AWQ packing has no act-order (g_idx); export as GPTQ instead")
-    order = torch.tensor(AWQ_ORDER)
+    order = torch.tensor(AWQ_ORDER, device=qw.codes.device)
 
     def pack(v: torch.Tensor) -> torch.Tensor:  # [R, N] -> [R, N / 8]
         v = v.to(torch.int64).reshape(v.shape[0], N // 8, 8)[:, :, order]
@@ -117,7 +118,7 @@ def pack_awq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def unpack_awq(t: dict[str, torch.Tensor], name: str) -> QuantizedWeight:
     """The canonical weight from AutoAWQ "gemm" tensors."""
-    inverse = torch.argsort(torch.tensor(AWQ_ORDER))
+    inverse = torch.argsort(torch.tensor(AWQ_ORDER, device=t["qweight"].device))
 
     def unpack(p: torch.Tensor) -> torch.Tensor:  # [R, N / 8] -> [R, N]
         v = _unpack_cols(p, 4).reshape(p.shape[0], -1, 8)[:, :, inverse]
