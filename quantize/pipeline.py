@@ -47,7 +47,6 @@ class QuantizeOptions:
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
     alpha: float = 0.5  # SmoothQuant migration strength
-    awq_rows: int = 4096  # AWQ: calibration rows kept per input for the searches
     batch_size: int = 8  # calibration windows per forward pass
 
     def __post_init__(self):
@@ -75,37 +74,35 @@ class QuantizedModel:
 class _InputStats:
     """What one forward pass learns about the inputs of a layer's linears."""
 
-    def __init__(self, method: str, total_rows: int, max_rows: int, device):
+    def __init__(self, method: str, device):
         self.method, self.device = method, device
-        self.row_step = max(1, total_rows // max_rows)
         self.hessian: dict[str, HessianAccumulator] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.abs_max: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, list[torch.Tensor]] = {}
         self.count = 0
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         if _INPUT_OF[name] != name:
             return
         x = x.reshape(-1, x.shape[-1])
-        if self.method == "gptq":
+        if self.method in ("gptq", "awq"):  # AWQ's errors are quadratic forms in H / 2
             self.hessian.setdefault(name, HessianAccumulator(x.shape[1], self.device)).add(x)
-        elif self.method == "smoothquant":
+        if self.method == "smoothquant":
             m = x.abs().amax(0)
             self.abs_max[name] = torch.maximum(self.abs_max[name], m) if name in self.abs_max \
                 else m
         elif self.method == "awq":
             s = x.abs().sum(0)
             self.abs_sum[name] = self.abs_sum[name] + s if name in self.abs_sum else s
-            self.rows.setdefault(name, []).append(x[::self.row_step].clone())
         if name == "self_attn.q_proj":
             self.count += x.shape[0]
 
     def mean_abs(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count
 
-    def sample(self, name: str) -> torch.Tensor:
-        return torch.cat(self.rows[name])
+    def second_moment(self, name: str) -> torch.Tensor:
+        """E[x^T x] over every calibration token: [K, K]."""
+        return self.hessian[name].H / 2
 
 
 def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
@@ -147,8 +144,7 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
             q = {n: quantize_rtn(t[n + ".weight"], options.scheme, f"model.layers.{i}.{n}")
                  for n in LINEARS}
         else:
-            stats = _InputStats(options.method, x.shape[0] * x.shape[1], options.awq_rows,
-                                device)
+            stats = _InputStats(options.method, device)
             _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe)
             q = _METHODS[options.method](cfg, t, stats, options, f"model.layers.{i}")
             for name, qw in q.items():
@@ -185,23 +181,20 @@ def _smoothquant(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: s
 
 
 def _awq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
-    input_scale = {}
+    C = {}  # each input's second moment, after the scale folded into its producer
     for group in scale_groups(cfg):
         key = _INPUT_OF[group.linears[0]]
-        s = awq.search_scale(stats.sample(key), stats.mean_abs(key),
-                             [t[n + ".weight"] for n in group.linears], options.scheme,
-                             f"{prefix}.{group.linears[0]}")
+        s = awq.search_scale(stats.second_moment(key), stats.mean_abs(key),
+                             [t[n + ".weight"] for n in group.linears], options.scheme)
         fold_scales(t, group, s)
-        input_scale[key] = s
+        C[key] = stats.second_moment(key) / (s[:, None] * s[None, :])  # inputs are now x / s
     q = {}
     for n in LINEARS:
         key = _INPUT_OF[n]
         w = t[n + ".weight"]
         if n not in ("self_attn.q_proj", "self_attn.k_proj"):
-            x = stats.sample(key)
-            if key in input_scale:
-                x = x / input_scale[key]
-            w = awq.apply_clip(w, awq.search_clip(x, w, options.scheme, f"{prefix}.{n}"))
+            moment = C.get(key, stats.second_moment(key))
+            w = awq.apply_clip(w, awq.search_clip(moment, w, options.scheme, f"{prefix}.{n}"))
         q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
     return q
 
