@@ -121,12 +121,16 @@ def main() -> None:
     dense = random_weights(cfg, torch.float16)
     results, rtn_seconds = {}, {}
     for variant in args.variants.split(","):
-        if variant == "fp16":
-            weights = dense
-        else:
-            weights, rtn_seconds[variant] = rtn_checkpoint(dense, SCHEMES[variant])
-        results[variant] = measure(weights, batches, args.context, args.prefill, bw)
-        del weights
+        try:
+            if variant == "fp16":
+                weights = dense
+            else:
+                weights, rtn_seconds[variant] = rtn_checkpoint(dense, SCHEMES[variant])
+            results[variant] = measure(weights, batches, args.context, args.prefill, bw)
+            print(variant, results[variant], flush=True)
+        except Exception as e:  # noqa: BLE001 - report the failure, measure the others
+            print(f"{variant}: FAILED {type(e).__name__}: {e}", flush=True)
+        weights = None
         torch.cuda.empty_cache()
     calib = {m: calibration_time(dense, m, args.calib_layers)
              for m in ("awq", "gptq")} if args.calib_layers else {}
@@ -134,6 +138,8 @@ def main() -> None:
     print(f"\ndevice: {torch.cuda.get_device_name()}  date: {datetime.date.today()}  layers: "
           f"{cfg.num_layers}  copy bandwidth: {bw / 1e12:.2f} TB/s")
     base = results.get("fp16")
+    if not results:
+        return
     head = " | ".join(f"b{n} tok/s (roofline %)" for n in batches)
     print(f"| variant | weights GB | {head} | prefill {args.prefill} ms | b1 vs fp16 | "
           "prefill vs fp16 |")

@@ -1,0 +1,459 @@
+"""Quantized linears: y = x @ W.T (+ bias) with W held as 4- or 8-bit codes.
+
+Load time (``prepare_quant_weight``) repacks a ``twinfer.quant.QuantizedWeight``: 4-bit codes
+two per byte along K, low nibble first (read as int32, the same bytes hold eight codes in
+order), 8-bit codes one per byte, scales and zeros [N, G] in fp16 (fp32 for fp32 activations);
+W8A8 weights as signed int8 with one float32 scale per channel. Run time (``quant_linear``)
+picks a kernel by M, the rows of x, with thresholds from H100 sweeps (``choose_config``):
+
+* weight-only, M <= GEMV_MAX_M: ``_gemv_kernel`` on the CUDA cores, split-K. A code becomes a
+  float by being OR-ed into the mantissa of 2**23 (one LOP3 and one FADD; I2F is quarter rate).
+* weight-only up to DENSE_MIN_M rows, and W8A8 at any M: ``_dot_kernel`` / ``_int8_dot_kernel``
+  on the tensor cores. They compute out.T = W @ x.T, so the weight tile dequantized in
+  registers (fp16 0x6400 | q is 1024 + q, exactly) is wgmma's register operand and small M only
+  pads the dot's N side; split-K for small M. Per-channel weights dot the exact integers
+  (q - z) and scale the accumulator.
+* weight-only above DENSE_MIN_M rows: ``_dequantize_kernel`` writes a transient dense weight
+  (N*K*2 bytes) and cuBLAS multiplies. Dequantizing inside a Triton GEMM left the tensor cores
+  waiting on the unpacking: 0.5-0.65x fp16 at M=2048, against 0.82-0.88x this way.
+* W8A8 activations: ``_quantize_rows_kernel``, per-row absmax int8 exactly as
+  ``quantize_activations_per_token``; the int8 x int8 -> int32 dot applies row x channel
+  scales in its epilogue.
+
+Invariants: BLOCK_K divides the group size (so a K tile lies in one group) and K; split
+boundaries fall on BLOCK_K; out-of-range rows and channels are clamped on load (recomputing a
+valid one) and masked on store. Split-K programs write float32 partials [SPLIT, M, N] that
+``_sum_splits_kernel`` adds (with the bias) into the output, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from twinfer.quant import QuantizedWeight, quantize_activations_per_token
+
+GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
+DENSE_MIN_M = 256  # weight-only: above this many rows, dequantize once and use cuBLAS
+
+
+@dataclass(frozen=True)
+class PreparedQuantWeight:
+    """A quantized linear in the kernels' layout (see ``prepare_quant_weight``)."""
+
+    # 4-bit: uint8 [N, K/2], byte j = q[2j] | q[2j+1] << 4; 8-bit: uint8 [N, K] codes;
+    # W8A8: int8 [N, K] = q - 128
+    qweight: torch.Tensor
+    scales: torch.Tensor  # [N, G]: fp16 (fp32 for fp32 activations); W8A8: float32 [N]
+    zeros: torch.Tensor | None  # [N, G] like scales; None for W8A8 (symmetric)
+    bits: int
+    group_size: int
+    act_bits: int
+    dtype: torch.dtype  # the activation dtype this was prepared for
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
+                   if t is not None)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters; ``quant_linear`` picks one unless given."""
+
+    kernel: str  # "gemv" (weight-only, M=1), "dot", or "dequant" (weight-only, then cuBLAS)
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def prepare_quant_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PreparedQuantWeight:
+    """Repack ``qw`` (canonical layout, g_idx already applied by the caller) for activations of
+    ``dtype``. Memory is the quantized size: K*N/2 (4-bit) or K*N bytes plus scales/zeros."""
+    N, K = qw.codes.shape
+    gs = qw.group_size
+    if qw.g_idx is not None:
+        raise ValueError("permute act-order weights (g_idx) into group order before prepare")
+    if qw.bits not in (4, 8) or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"need 4/8-bit codes and fp16/bf16/fp32 activations, got bits "
+                         f"{qw.bits}, {dtype}")
+    if K % gs or gs % 16 or qw.scales.shape != (N, K // gs):
+        raise ValueError(f"group size {gs} must be a multiple of 16 dividing K={K}, with scales "
+                         f"[N, K/group]; got scales {tuple(qw.scales.shape)}")
+    if qw.act_bits == 8:
+        if qw.bits != 8 or gs != K or bool((qw.zeros != 128).any()):
+            raise ValueError("W8A8 needs symmetric per-channel 8-bit weights (zeros == 128)")
+        qweight = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        return PreparedQuantWeight(qweight, qw.scales[:, 0].float().contiguous(), None, 8, K, 8,
+                                   dtype)
+    # fp16 holds checkpoint scales exactly; bf16 activations dequantize in fp16, then round.
+    sdtype = torch.float32 if dtype == torch.float32 else torch.float16
+    if qw.bits == 4:
+        codes = qw.codes.view(N, K // 2, 2)
+        qweight = (codes[..., 0] | (codes[..., 1] << 4)).contiguous()
+    else:
+        qweight = qw.codes.contiguous()
+    return PreparedQuantWeight(qweight, qw.scales.to(sdtype).contiguous(),
+                               qw.zeros.to(sdtype).contiguous(), qw.bits, gs, 16, dtype)
+
+
+@triton.jit
+def _load_codes(qw_ptr, rows, k0, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] integer codes of weight rows ``rows``, columns k0 .. k0 + BLOCK_K."""
+    if BITS == 4:
+        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(qw_ptr + rows[:, None] * stride_qn + cols[None, :])
+        codes = tl.interleave(packed & 0xF, packed >> 4)  # even k in the low nibble
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        codes = tl.load(qw_ptr + rows[:, None] * stride_qn + cols[None, :])
+    return codes
+
+
+@triton.jit
+def _minus_zero(q, z, FP16_MATH: tl.constexpr):
+    """q [BN, BK] - z [BN] as exact integers in z's dtype."""
+    if FP16_MATH:  # 0x6400 | q is the fp16 1024 + q: exact, and no slow I2F
+        w = (q.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + z[:, None])
+    else:
+        w = q.to(z.dtype) - z[:, None]
+    return w
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles sweep the columns together, so weight tiles stay in L2."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
+def _store_tile(out_ptr, acc_t, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """out[m, n] = acc_t[n, m] (+ bias[n]); the dot kernels accumulate out.T."""
+    if HAS_BIAS:
+        acc_t += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None],
+             acc_t.to(out_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
+def _add_code_products(part, words, z, x_ptrs, magic, BITS: tl.constexpr, SHIFT: tl.constexpr):
+    """part [BN, WORDS] += (q - z) * x for the code at bits SHIFT of every word. The code, kept
+    in place (so scaled by 2**SHIFT), is OR-ed into the mantissa of 2**23: one LOP3 and one
+    FADD give the exact float (q - z) 2**SHIFT (I2F is quarter rate); x is scaled back."""
+    q = (words & ((2 ** BITS - 1) << SHIFT)) | magic
+    w = q.to(tl.float32, bitcast=True) - (8388608.0 + z * (1 << SHIFT))[:, None]
+    x = tl.load(x_ptrs).to(tl.float32) * (1.0 / (1 << SHIFT))
+    return part + w * x[None, :]
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_qn, stride_sn, stride_om, stride_os, magic,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # qw_ptr is the packed weight viewed as int32 [N, K / PER_WORD] (little-endian: code
+    # k = PER_WORD * j + t sits at bits BITS * t of word j); stride_qn counts words. ``magic``
+    # is 0x4B000000 (2**23) passed as an argument: as a register operand ptxas folds the mask
+    # and the OR into one LOP3, where two immediates take two.
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    IN_PLACE: tl.constexpr = 23 // BITS  # codes that fit below bit 23 of their word
+    row, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, WORDS)
+    w_ptrs = qw_ptr + (offs_n % N)[:, None] * stride_qn + cols[None, :]
+    k_lo = split * k_per_split
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
+    words_next = tl.load(w_ptrs + k_lo // PER_WORD)  # [BN, WORDS] int32
+    for kw in range(k_lo // PER_WORD, kw_end, WORDS):
+        kw = tl.multiple_of(kw, WORDS)
+        words = words_next  # and the next tile's load goes out before this one is used
+        words_next = tl.load(w_ptrs + kw + WORDS, mask=kw + WORDS < kw_end, other=0)
+        k0 = kw * PER_WORD
+        g = k0 // GROUP_SIZE
+        z = tl.load(zeros_ptr + (offs_n % N) * stride_sn + g).to(tl.float32)
+        s = tl.load(scales_ptr + (offs_n % N) * stride_sn + g).to(tl.float32)
+        x_ptrs = x_ptr + row * stride_xm + k0 + cols * PER_WORD
+        part = tl.zeros([BLOCK_N, WORDS], tl.float32)
+        for t in tl.static_range(IN_PLACE):  # one code of every word at a time
+            part = _add_code_products(part, words, z, x_ptrs + t, magic, BITS, BITS * t)
+        for t in tl.static_range(IN_PLACE, PER_WORD):  # codes above bit 23: shift down first
+            part = _add_code_products(part, words >> 16, z, x_ptrs + t, magic, BITS,
+                                      BITS * t - 16)
+        acc += tl.sum(part, axis=1) * s
+    out_ptr += split * stride_os + row * stride_om
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+    FP16_MATH: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Computes out.T = W @ x.T: the weight tile dequantized in registers is the dot's first
+    # operand, which the tensor cores (wgmma) read straight from registers; x comes through
+    # shared memory. Small M then only pads the dot's N side (>= 16).
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, xrows = offs_n % N, offs_m % M
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = split * k_per_split
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    if SCALE_AFTER_DOT:  # one group per row: dot the exact integers (q - z), scale at the end
+        z = tl.load(zeros_ptr + rows * stride_sn)
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        a = tl.load(x_ptr + xrows[:, None] * stride_xm + (k0 + offs_k)[None, :])  # [BM, BK]
+        q = _load_codes(qw_ptr, rows, k0, stride_qn, BITS, BLOCK_K)  # [BN, BK]
+        if not SCALE_AFTER_DOT:
+            g = k0 // GROUP_SIZE
+            z = tl.load(zeros_ptr + rows * stride_sn + g)
+        w = _minus_zero(q, z, FP16_MATH)
+        if not SCALE_AFTER_DOT:
+            w *= tl.load(scales_ptr + rows * stride_sn + g)[:, None]
+        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc, input_precision=PRECISION)
+    if SCALE_AFTER_DOT:
+        acc *= tl.load(scales_ptr + rows * stride_sn).to(tl.float32)[:, None]
+    _store_tile(out_ptr + split * stride_os, acc, bias_ptr, offs_m, offs_n, M, N, stride_om,
+                HAS_BIAS)
+
+
+@triton.jit
+def _dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, out_ptr, N, stride_qn, stride_sn, stride_on,
+                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, FP16_MATH: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rows = offs_n % N
+    q = _load_codes(qw_ptr, rows, k0, stride_qn, BITS, BLOCK_K)
+    g = k0 // GROUP_SIZE
+    w = _minus_zero(q, tl.load(zeros_ptr + rows * stride_sn + g), FP16_MATH)
+    w *= tl.load(scales_ptr + rows * stride_sn + g)[:, None]
+    tl.store(out_ptr + offs_n[:, None] * stride_on + (k0 + tl.arange(0, BLOCK_K))[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None])
+
+
+@triton.jit
+def _int8_dot_kernel(
+    xq_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_os,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, xrows = offs_n % N, offs_m % M
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = split * k_per_split
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)  # out.T, as in _dot_kernel
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        a = tl.load(xq_ptr + xrows[:, None] * stride_xm + (k0 + offs_k)[None, :])  # int8 [BM, BK]
+        b = tl.load(w_ptr + rows[:, None] * stride_wn + (k0 + offs_k)[None, :])  # int8 [BN, BK]
+        acc = tl.dot(b, tl.trans(a), acc, out_dtype=tl.int32)  # exact for K < 2**17
+    out = acc.to(tl.float32) * tl.load(w_scale_ptr + rows)[:, None]
+    out *= tl.load(x_scale_ptr + xrows)[None, :]
+    _store_tile(out_ptr + split * stride_os, out, bias_ptr, offs_m, offs_n, M, N, stride_om,
+                HAS_BIAS)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-8), 127.0)
+    v = tl.math.div_rn(x, scale)  # IEEE division, as torch does
+    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds half to even, like torch.round
+    q = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+    tl.store(xq_ptr + row * stride_qm + cols, q, mask=cols < K)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, num_splits, MN, N,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(num_splits):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number keeps the grid small
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fit_block_k(block_k: int, group_size: int) -> int:
+    """The largest power of two <= block_k dividing group_size (which divides K)."""
+    while group_size % block_k:
+        block_k //= 2
+    return block_k
+
+
+def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int) -> KernelConfig:
+    """Tile shape by M bucket, from sweeps on an H100 (bench.quant_kernels --sweep). Small M
+    streams the weight once: split-K adds programs until ~2-8 per SM (4-bit unpacking costs
+    more, so it wants more). Weight-only above DENSE_MIN_M rows dequantizes to a dense buffer
+    for cuBLAS: dequantizing inside a Triton GEMM leaves the tensor cores waiting on the
+    unpacking (0.5-0.65x fp16 at M=2048, against 0.85-0.9x)."""
+    if w.act_bits == 16 and M <= GEMV_MAX_M:
+        cfg, per_sm = KernelConfig("gemv", 1, 32, 256), 8 if w.bits == 4 else 4
+    elif w.act_bits == 16 and M > DENSE_MIN_M:
+        return KernelConfig("dequant", 1, 64, 128)
+    elif M <= 16:
+        cfg = KernelConfig("dot", 16, 64, 128 if w.bits == 4 else 256, num_stages=4)
+        per_sm = 4 if w.bits == 4 and w.act_bits == 16 else 2
+    elif M <= 64 or w.act_bits == 8 and M <= 256:
+        cfg = KernelConfig("dot", 64, 64, 128, num_stages=4)
+        per_sm = 4 if w.bits == 4 and w.act_bits == 16 else 2
+    elif w.act_bits == 16:  # M <= DENSE_MIN_M
+        cfg, per_sm = KernelConfig("dot", 128, 64, 128, num_stages=3), 1
+    else:  # W8A8 prefill
+        return KernelConfig("dot", 128, 128, 128, num_warps=8, num_stages=3)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    split = max(1, min(K // cfg.block_k, per_sm * num_sms // tiles))
+    return KernelConfig(cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_k, split,
+                        cfg.num_warps, cfg.num_stages)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row int8 (quantize_activations_per_token on the GPU): x [M, K] ->
+    (int8 [M, K], float32 [M])."""
+    M, K = x.shape
+    xq = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    if M:
+        _quantize_rows_kernel[(M,)](x, xq, scale, K, x.stride(0), xq.stride(0), BLOCK=block,
+                                    num_warps=min(16, max(4, block // 1024)))
+    return xq, scale
+
+
+def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | None = None,
+                 config: KernelConfig | None = None) -> torch.Tensor:
+    """x [..., K] in w.dtype -> x @ W.T + bias, [..., N] in x.dtype. ``config`` overrides the
+    tile choice (tuning, tests)."""
+    N, K = w.out_features, w.in_features
+    if x.shape[-1] != K or x.dtype != w.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match the weight: K={K}, "
+                         f"prepared for {w.dtype}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{N}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.view(*lead, N)
+    cfg = config or choose_config(M, N, K, w, _num_sms(x.device))
+    if cfg.kernel == "dequant":
+        dense = dequantize(w, cfg)
+        return (torch.matmul(x2, dense.T, out=out) if bias is None else
+                torch.addmm(bias, x2, dense.T, out=out)).view(*lead, N)
+    block_k = _fit_block_k(cfg.block_k, w.group_size)
+    k_per_split = triton.cdiv(K // block_k, cfg.split_k) * block_k
+    num_splits = triton.cdiv(K, k_per_split)
+    part = out if num_splits == 1 else torch.empty(num_splits, M, N, dtype=torch.float32,
+                                                   device=x.device)
+    has_bias = bias is not None and num_splits == 1
+    b = bias if bias is not None else out  # never read when HAS_BIAS is False
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    meta = dict(HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if w.act_bits == 8:
+        xq, x_scale = quantize_rows(x2)
+        _int8_dot_kernel[(tiles, num_splits)](
+            xq, x_scale, w.qweight, w.scales, b, part, M, N, K, k_per_split,
+            xq.stride(0), w.qweight.stride(0), N, M * N,
+            BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **meta)
+    elif cfg.kernel == "gemv":
+        words = w.qweight.view(torch.int32)  # same bytes, 32 // bits codes per word
+        _gemv_kernel[(M, triton.cdiv(N, cfg.block_n), num_splits)](
+            x2, words, w.scales, w.zeros, b, part, M, N, K, k_per_split,
+            x2.stride(0), words.stride(0), w.scales.stride(0), N, M * N, 0x4B000000,
+            BITS=w.bits, GROUP_SIZE=w.group_size, **meta)
+    else:
+        _dot_kernel[(tiles, num_splits)](
+            x2, w.qweight, w.scales, w.zeros, b, part, M, N, K, k_per_split,
+            x2.stride(0), w.qweight.stride(0), w.scales.stride(0), N, M * N,
+            BITS=w.bits, GROUP_SIZE=w.group_size, SCALE_AFTER_DOT=w.group_size == K,
+            FP16_MATH=w.scales.dtype == torch.float16,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **meta)
+    if num_splits > 1:
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](
+            part, b, out, num_splits, M * N, N, HAS_BIAS=bias is not None, BLOCK=1024)
+    return out.view(*lead, N)
+
+
+def dequantize(w: PreparedQuantWeight, config: KernelConfig | None = None) -> torch.Tensor:
+    """The dense weight [N, K] in w.dtype (weight-only schemes): a transient buffer for
+    prefill-sized matmuls."""
+    if w.act_bits != 16:
+        raise ValueError("dequantize is for weight-only schemes; W8A8 multiplies int8 directly")
+    N, K = w.out_features, w.in_features
+    cfg = config or KernelConfig("dequant", 1, 64, 128)
+    block_k = _fit_block_k(cfg.block_k, w.group_size)
+    dense = torch.empty(N, K, dtype=w.dtype, device=w.qweight.device)
+    _dequantize_kernel[(triton.cdiv(N, cfg.block_n), K // block_k)](
+        w.qweight, w.scales, w.zeros, dense, N, w.qweight.stride(0), w.scales.stride(0),
+        dense.stride(0), BITS=w.bits, GROUP_SIZE=w.group_size,
+        FP16_MATH=w.scales.dtype == torch.float16, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps)
+    return dense
+
+
+def quant_linear_reference(x: torch.Tensor, qw: QuantizedWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch meaning of quant_linear, in float32: x @ W.T + bias with W = qw.dequantize();
+    for W8A8, x is first quantized per token as the kernels do."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if qw.act_bits == 8:
+        x_q, scale = quantize_activations_per_token(x2)
+        x2 = x_q.float() * scale
+    out = x2.float() @ qw.dequantize(torch.float32).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.view(*x.shape[:-1], -1)

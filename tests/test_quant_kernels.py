@@ -1,0 +1,188 @@
+"""Quantized-linear kernels against quant_linear_reference (x @ dequantize(W).T in float32) on
+fresh random weights quantized by twinfer.quant (Triton's interpreter on CPU with small, ragged
+shapes; Llama-8B shapes and bf16 with ``-m gpu``).
+
+Tolerances are relative to the output's scale (max |ref|), since outputs are sums of K
+products: fp32 1e-4 (summation order only); fp16 2e-3 and bf16 1.6e-2 (the dequantized weight
+and the output are each rounded once to 11 or 8 bits of mantissa). W8A8 quantizes activations
+as the reference does (on CUDA torch divides by 127 through a reciprocal, one ulp of the scale
+apart), so it meets the same bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.quant_matmul import (
+    KernelConfig,
+    prepare_quant_weight,
+    quant_linear,
+    quant_linear_reference,
+    quantize_rows,
+)
+from twinfer.quant import QuantizedWeight, QuantScheme, quantize_activations_per_token, quantize_rtn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Triton 3.6's interpreter mishandles bfloat16, so bf16 is checked on the GPU only.
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+              DEVICE == "cpu", reason="Triton's CPU interpreter mishandles bfloat16"))]
+# (bits, group_size, sym): every group size, both symmetries, both widths.
+WEIGHT_ONLY = [(4, 32, False), (4, 64, True), (4, -1, False), (8, -1, True), (8, 32, False)]
+W8A8 = QuantScheme(bits=8, group_size=-1, sym=True, act_bits=8)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """Every torch.empty (outputs, split-K partials) starts as NaN / -1: unwritten shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def random_quantized(n: int, k: int, scheme: QuantScheme, seed: int) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, : k // 8] *= 4  # uneven ranges: groups get different scales and zero points
+    return quantize_rtn(w.to(DEVICE), scheme)
+
+
+def random_x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g).to(DEVICE, dtype)
+
+
+def assert_close_to_reference(out, ref, dtype):
+    tol = TOL[dtype] * ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group_size,sym", WEIGHT_ONLY)
+@pytest.mark.parametrize("m", [1, 3, 17, 33, 65, 257])
+def test_weight_only_linear_matches_reference(dtype, bits, group_size, sym, m):
+    k, n = (192, 72) if m % 2 else (64, 48)
+    qw = random_quantized(n, k, QuantScheme(bits, group_size, sym), seed=m + bits)
+    x = random_x(m, k, dtype, seed=m)
+    out = quant_linear(x, prepare_quant_weight(qw, dtype))
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close_to_reference(out, quant_linear_reference(x, qw), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 33])
+def test_w8a8_linear_matches_reference(dtype, m):
+    qw = random_quantized(72, 192, W8A8, seed=m)
+    x = random_x(m, 192, dtype, seed=m + 1)
+    out = quant_linear(x, prepare_quant_weight(qw, dtype))
+    assert_close_to_reference(out, quant_linear_reference(x, qw), dtype)
+
+
+@pytest.mark.parametrize("config", [
+    KernelConfig("gemv", 1, 16, 64, split_k=1),
+    KernelConfig("gemv", 4, 32, 32, split_k=3),  # splits of 2, 2 and 2 K tiles
+    KernelConfig("dot", 16, 32, 64, split_k=2),
+    KernelConfig("dot", 32, 16, 32, split_k=1, group_m=2),
+    KernelConfig("dequant", 1, 16, 64),
+], ids=["gemv", "gemv-splitk", "dot-splitk", "dot-grouped", "dequant"])
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 64, False), (8, -1, True)])
+def test_every_kernel_path_matches_reference(config, bits, group_size, sym):
+    qw = random_quantized(40, 192, QuantScheme(bits, group_size, sym), seed=7)
+    x = random_x(5, 192, torch.float32, seed=8)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float32), config=config)
+    assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float32)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), W8A8], ids=["w4", "w8a8"])
+@pytest.mark.parametrize("kernel,split_k", [("dot", 1), ("dot", 3), ("dequant", 1)])
+def test_bias_is_added_once(scheme, kernel, split_k):
+    if kernel == "dequant" and scheme.act_bits == 8:
+        pytest.skip("W8A8 has no dequantize path")
+    qw = random_quantized(48, 192, scheme, seed=3)
+    x = random_x(3, 192, torch.float16, seed=4)
+    bias = torch.randn(48).to(DEVICE, torch.float16)
+    config = KernelConfig(kernel, 16, 32, 32, split_k=split_k)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias, config=config)
+    assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
+
+
+def test_quantize_rows_rounds_half_to_even_like_torch():
+    x = random_x(6, 100, torch.float32, seed=5)
+    x[2] = 0  # an all-zero row gets the minimum scale
+    x[3] = x[3].clamp(-1, 1)
+    x[3, 8] = 3.0
+    half_step = torch.tensor(3.0) / 127 * 0.5  # exactly half a step: rounds to even (0)
+    x[3, 7], x[3, 9] = half_step, -half_step
+    xq, scale = quantize_rows(x)
+    _, ref_scale = quantize_activations_per_token(x)
+    # absmax / 127: torch on CUDA multiplies by the reciprocal, so allow one ulp.
+    torch.testing.assert_close(scale, ref_scale[:, 0], rtol=2.4e-7, atol=0)
+    ref_q = torch.clamp(torch.round(x / scale[:, None]), -127, 127).to(torch.int8)
+    assert torch.equal(xq, ref_q) and xq[3, 7] == 0 and xq[3, 9] == 0
+
+
+@pytest.mark.parametrize("bits,act_bits", [(4, 16), (8, 16), (8, 8)])
+def test_prepared_weight_has_quantized_size(bits, act_bits):
+    n, k = 48, 256
+    scheme = QuantScheme(bits, -1 if act_bits == 8 else 128, act_bits == 8, act_bits)
+    w = prepare_quant_weight(random_quantized(n, k, scheme, seed=1), torch.bfloat16)
+    assert w.qweight.numel() * w.qweight.element_size() == n * k * bits // 8
+    assert (w.in_features, w.out_features) == (k, n)
+    groups = 1 if act_bits == 8 else k // 128
+    scale_bytes = n * groups * (4 if act_bits == 8 else 2) * (1 if act_bits == 8 else 2)
+    assert w.nbytes == n * k * bits // 8 + scale_bytes
+
+
+def test_leading_dims_are_kept_and_empty_input_is_fine():
+    qw = random_quantized(48, 64, QuantScheme(4, 32, False), seed=2)
+    w = prepare_quant_weight(qw, torch.float32)
+    x = random_x(6, 64, torch.float32, seed=3).view(2, 3, 64)
+    out = quant_linear(x, w)
+    assert out.shape == (2, 3, 48)
+    assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float32)
+    assert quant_linear(x[:0], w).shape == (0, 3, 48)
+
+
+def test_bad_inputs_raise_value_error():
+    qw = random_quantized(48, 64, QuantScheme(4, 32, False), seed=2)
+    w = prepare_quant_weight(qw, torch.float16)
+    with pytest.raises(ValueError):
+        quant_linear(random_x(2, 64, torch.float32, seed=0), w)  # dtype it was not prepared for
+    with pytest.raises(ValueError):
+        quant_linear(random_x(2, 32, torch.float16, seed=0), w)  # wrong K
+    with pytest.raises(ValueError):
+        quant_linear(random_x(2, 64, torch.float16, seed=0), w,
+                     torch.zeros(47, dtype=torch.float16, device=DEVICE))
+    act_order = QuantizedWeight(qw.codes, qw.scales, qw.zeros, 4, 32,
+                                g_idx=torch.zeros(64, dtype=torch.int32))
+    with pytest.raises(ValueError):
+        prepare_quant_weight(act_order, torch.float16)
+    asym8 = random_quantized(48, 64, QuantScheme(8, -1, False), seed=2)
+    with pytest.raises(ValueError):  # W8A8 needs zeros == 128
+        prepare_quant_weight(QuantizedWeight(asym8.codes, asym8.scales, asym8.zeros, 8, 64, 8),
+                             torch.float16)
+
+
+LLAMA_SHAPES = [(4096, 6144), (14336, 4096)]  # (K, N): fused qkv, down_proj
+GPU_SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1, True),
+               "w8a8": W8A8}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scheme", list(GPU_SCHEMES))
+@pytest.mark.parametrize("m", [1, 5, 16, 64, 256, 2048])
+@pytest.mark.parametrize("k,n", LLAMA_SHAPES)
+def test_llama_shapes_match_reference_on_gpu(dtype, scheme, m, k, n):
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is fp32 matmul
+    qw = random_quantized(n, k, GPU_SCHEMES[scheme], seed=m)
+    x = random_x(m, k, dtype, seed=k)
+    bias = torch.randn(n).to(DEVICE, dtype)
+    out = quant_linear(x, prepare_quant_weight(qw, dtype), bias)
+    assert_close_to_reference(out, quant_linear_reference(x, qw, bias), dtype)
