@@ -1,4 +1,4 @@
-"""Command line: ``twinfer generate | chat | serve | quantize | eval | bench``."""
+"""Command line: ``twinfer generate | chat | serve | quantize | eval | bench | report``."""
 
 from __future__ import annotations
 
@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
     from bench import cli as bench_cli
+    from bench import quant_report
     from quantize import cli as quantize_cli
     from twinfer import cli_eval
     quantize_cli.register(sub)
     cli_eval.register(sub)
     bench_cli.register(sub)
+    quant_report.register(sub)
     return parser
 
 
@@ -179,12 +181,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_cli.run(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench import quant_report
+    return quant_report.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
                 "quantize": cmd_quantize, "eval": cmd_eval,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "report": cmd_report}[args.command](args)
     except (ValueError, RuntimeError) as e:
         print(f"twinfer: error: {e}", file=sys.stderr)
         return 2
