@@ -15,11 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from quantize.calibration import load_calibration_texts
-from quantize.export import ExportSummary
+from quantize.export import MODEL_TYPES, ExportSummary
 from quantize.pipeline import QuantizeOptions
 from twinfer.weights import ModelWeights, load_weights
-
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def write_hf_dir(weights: ModelWeights, tokenizer, out: Path) -> Path:
@@ -28,7 +26,7 @@ def write_hf_dir(weights: ModelWeights, tokenizer, out: Path) -> Path:
     save_file({k: v.contiguous() for k, v in weights.tensors.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = dict(weights.hf_config)
-    cfg.setdefault("model_type", _MODEL_TYPES[weights.config.architecture])
+    cfg.setdefault("model_type", MODEL_TYPES[weights.config.architecture])
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tokenizer.hf.save_pretrained(str(out))
     return out

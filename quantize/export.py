@@ -24,7 +24,8 @@ from twinfer.quant_formats import (
     quantization_config,
 )
 
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+MODEL_TYPES = {  # config.json "model_type" per architecture
+    "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 @dataclass
@@ -65,7 +66,7 @@ def save_quantized(qm: QuantizedModel, out_dir: str | Path, tokenizer=None,
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     cfg = dict(qm.source.hf_config)
-    cfg.setdefault("model_type", _MODEL_TYPES[qm.source.config.architecture])
+    cfg.setdefault("model_type", MODEL_TYPES[qm.source.config.architecture])
     cfg["torch_dtype"] = "float16"
     s, o = qm.options.scheme, qm.options
     group = -1 if s.group_size == -1 else s.group_size
