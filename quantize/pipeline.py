@@ -10,8 +10,7 @@ against the errors of earlier ones, as GPTQ and AWQ do.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -67,8 +66,6 @@ class QuantizedModel:
     options: QuantizeOptions
     linears: dict[str, QuantizedWeight]
     dense: dict[str, torch.Tensor]
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 class _InputStats:
@@ -113,7 +110,6 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
     ``windows`` (int64 [n, T]) replaces the calibration text when given; ``num_layers`` stops
     after that many layers (benchmarks time a few layers of a large model).
     """
-    start = time.perf_counter()
     cfg, device = weights.config, torch.device(options.device)
     for i in range(cfg.num_layers):  # fail on a bad group size before any work
         for name in LINEARS:
@@ -156,7 +152,7 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
         for k, v in t.items():
             if k.removesuffix(".weight") not in LINEARS:
                 dense[f"model.layers.{i}.{k}"] = v.cpu()
-    return QuantizedModel(weights, options, linears, dense, time.perf_counter() - start)
+    return QuantizedModel(weights, options, linears, dense)
 
 
 @torch.no_grad()

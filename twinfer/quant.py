@@ -68,10 +68,6 @@ class QuantizedWeight:
     act_bits: int = 16
     g_idx: torch.Tensor | None = None  # int32 [K]; None means i // group_size
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
     def group_index(self) -> torch.Tensor:
         """int64 [K]: the group of each input channel."""
         if self.g_idx is not None:
