@@ -13,24 +13,11 @@ import time
 
 import torch
 
-from bench.fast_roofline import llama31_8b, random_weights
+from bench.fast_roofline import llama31_8b_config
 from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from twinfer.dummy import dummy_weights, synthetic_tokenizer
 from twinfer.engine import LLMEngine
 from twinfer.sampling import SamplingParams
-from twinfer.tokenizer import Tokenizer
-
-
-def word_tokenizer(vocab_size: int) -> Tokenizer:
-    """A word-level tokenizer covering the vocabulary (random weights need no real one)."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<s>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
-                                             eos_token="</s>"))
 
 
 def main() -> None:
@@ -41,7 +28,8 @@ def main() -> None:
     ap.add_argument("--engine", default="fast")
     ap.add_argument("--layers", type=int, default=32)
     args = ap.parse_args()
-    cfg = llama31_8b(args.layers)
+    weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
+    cfg = weights.config
     total = args.input_len + args.output_len
     blocks = args.requests * -(-total // 16) + 16
     config = EngineConfig(model=cfg, cache=CacheConfig(num_kv_blocks=blocks,
@@ -50,7 +38,7 @@ def main() -> None:
                                                     max_num_batched_tokens=8192,
                                                     max_model_len=total + 16),
                           engine=args.engine, device="cuda", dtype=torch.float16)
-    engine = LLMEngine(config, random_weights(cfg, torch.float16), word_tokenizer(cfg.vocab_size))
+    engine = LLMEngine(config, weights, synthetic_tokenizer(cfg.vocab_size))
     torch.cuda.empty_cache()
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)

@@ -19,39 +19,13 @@ import triton
 
 from kernels.decode_attention import decode_attention
 from twinfer.batch import ScheduledBatch
-from twinfer.config import CacheConfig, EngineConfig, ModelConfig, RopeScaling, SchedulerConfig
-from twinfer.weights import ModelWeights, expected_tensor_names
+from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from twinfer.dummy import SHAPE_PRESETS, dummy_weights
 
 
-def llama31_8b(num_layers: int) -> ModelConfig:
-    return ModelConfig(architecture="llama", vocab_size=128256, hidden_size=4096,
-                       intermediate_size=14336, num_layers=num_layers, num_heads=32,
-                       num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-                       max_position_embeddings=131072)
-
-
-def random_weights(cfg: ModelConfig, dtype: torch.dtype) -> ModelWeights:
-    """Random tensors on the GPU under HF names (like vLLM's dummy load format)."""
-    shapes = {}
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    for name in expected_tensor_names(cfg):
-        if "embed_tokens" in name or "lm_head" in name:
-            shapes[name] = (cfg.vocab_size, h)
-        elif "norm" in name:
-            shapes[name] = (h,)
-        elif "q_proj" in name:
-            shapes[name] = (cfg.num_heads * d, h)
-        elif "k_proj" in name or "v_proj" in name:
-            shapes[name] = (cfg.num_kv_heads * d, h)
-        elif "o_proj" in name:
-            shapes[name] = (h, cfg.num_heads * d)
-        elif "down_proj" in name:
-            shapes[name] = (h, i)
-        else:
-            shapes[name] = (i, h)
-    tensors = {n: torch.randn(s, device="cuda", dtype=dtype) * 0.02 for n, s in shapes.items()}
-    return ModelWeights(cfg, tensors, source="random")
+def llama31_8b_config(num_layers: int) -> dict:
+    """Llama-3.1-8B's config.json, with ``num_layers`` decoder layers."""
+    return {**SHAPE_PRESETS["llama-3.1-8b"], "num_hidden_layers": num_layers}
 
 
 def copy_bandwidth() -> float:
@@ -105,8 +79,8 @@ def main() -> None:
     dtype, bs = torch.float16, 16
     batches = [int(b) for b in args.batches.split(",")]
     bw, mm = copy_bandwidth(), matmul_rate(dtype)
-    cfg = llama31_8b(args.layers)
-    weights = random_weights(cfg, dtype)
+    weights = dummy_weights(llama31_8b_config(args.layers), dtype, "cuda")
+    cfg = weights.config
     max_blocks = max(batches) * -(-args.context // bs) + 1
     config = EngineConfig(model=cfg, cache=CacheConfig(block_size=bs, num_kv_blocks=max_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max(batches),

@@ -47,6 +47,7 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from twinfer.cli import _llm_kwargs
     from twinfer.config import resolve_device
     from twinfer.llm import LLM
 
@@ -59,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
     total_len = args.input_len + args.output_len
     max_bs = max(batch_sizes)
-    llm = LLM(args.model, engine=args.engine, dtype=args.dtype, device=device,
-              max_num_seqs=max(max_bs, 1), max_model_len=args.max_model_len or total_len,
-              num_kv_blocks=args.num_kv_blocks or max_bs * (-(-total_len // 16) + 1),
-              enable_prefix_caching=False)
+    llm = LLM(args.model, **{**_llm_kwargs(args), "device": device, "max_num_seqs": max_bs,
+                             "max_model_len": args.max_model_len or total_len,
+                             "num_kv_blocks": args.num_kv_blocks
+                             or max_bs * (-(-total_len // 16) + 1),
+                             "enable_prefix_caching": False})
     engine = llm.engine
     weight_bytes = weight_bytes_per_decode_step(engine.runner.model)
     kv_token_bytes = kv_bytes_per_token(engine)

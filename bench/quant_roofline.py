@@ -17,24 +17,19 @@ w8a16 7.0 + 1.05 -> 1.86x.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import time
 
 import torch
 import triton
 
-from bench.fast_roofline import (
-    copy_bandwidth,
-    decode_batch,
-    llama31_8b,
-    prefill_batch,
-    random_weights,
-)
-from quantize.decoder_layer import LINEARS
+from bench.fast_roofline import copy_bandwidth, decode_batch, llama31_8b_config, prefill_batch
 from quantize.pipeline import QuantizeOptions, quantize_model
 from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
-from twinfer.quant import QuantScheme, quantize_rtn
-from twinfer.quant_formats import pack_gptq, pack_int8_channel, quantization_config
+from twinfer.dummy import dummy_weights
+from twinfer.online_quant import quantize_weights_rtn
+from twinfer.quant import QuantScheme
 from twinfer.weights import ModelWeights
 
 SCHEMES = {
@@ -45,25 +40,14 @@ SCHEMES = {
 
 
 def rtn_checkpoint(dense: ModelWeights, scheme: QuantScheme) -> tuple[ModelWeights, float]:
-    """``dense`` with every layer linear RTN-quantized and packed as a checkpoint would be."""
+    """``dense`` with every layer linear RTN-quantized and packed, and the seconds it took."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    tensors = {}
-    fmt = "compressed-tensors" if scheme.act_bits == 8 else "gptq"
-    pack = pack_int8_channel if scheme.act_bits == 8 else pack_gptq
-    for name, t in dense.tensors.items():
-        prefix = name.removesuffix(".weight")
-        if any(prefix.endswith(n) for n in LINEARS):
-            for k, v in pack(quantize_rtn(t, scheme, prefix)).items():
-                tensors[f"{prefix}.{k}"] = v
-        else:
-            tensors[name] = t
+    # A shallow copy: quantize_weights_rtn consumes its input's dict, ``dense`` is reused.
+    quantized = quantize_weights_rtn(dataclasses.replace(dense, tensors=dict(dense.tensors)),
+                                     scheme)
     torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    qcfg = quantization_config(fmt, scheme.bits, scheme.group_size, scheme.sym, scheme.act_bits,
-                               "rtn")
-    return ModelWeights(dense.config, tensors, "random",
-                        {"quantization_config": qcfg}), seconds
+    return quantized, time.perf_counter() - start
 
 
 def measure(weights: ModelWeights, batches, context, prefill, bw) -> dict:
@@ -117,8 +101,8 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth()
-    cfg = llama31_8b(args.layers)
-    dense = random_weights(cfg, torch.float16)
+    dense = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
+    cfg = dense.config
     results, rtn_seconds = {}, {}
     for variant in args.variants.split(","):
         try:

@@ -38,8 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "GET /v1/models lists)")
     p.add_argument("--endpoint", default="completions", choices=sorted(ENDPOINTS))
     p.add_argument("--concurrency", default="1,100", help="comma-separated levels, run in order")
-    p.add_argument("--num-prompts", type=int, default=None,
-                   help="requests per level (default: max(4 x concurrency, 16))")
+    p.add_argument("--num-prompts", default=None,
+                   help="requests per level: one number for every level, or one per level "
+                   "(e.g. 4,100); default max(4 x concurrency, 16)")
     p.add_argument("--input-len", type=int, default=2048, help="random dataset prompt length")
     p.add_argument("--output-len", type=int, default=2048, help="max_tokens of every request")
     p.add_argument("--dataset", default="random", help="'random' or 'sharegpt:FILE'")
@@ -68,12 +69,29 @@ def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not levels or min(levels) < 1:
         raise ValueError(f"--concurrency must list positive integers, got {args.concurrency!r}")
+    counts = parse_num_prompts(args.num_prompts, levels)
     if args.output_len < 1:
         raise ValueError(f"--output-len must be at least 1, got {args.output_len}")
-    return asyncio.run(_benchmark(args, levels))
+    return asyncio.run(_benchmark(args, levels, counts))
 
 
-async def _benchmark(args: argparse.Namespace, levels: list[int]) -> int:
+def parse_num_prompts(text: str | None, levels: list[int]) -> list[int]:
+    """Requests per concurrency level from ``--num-prompts`` (one value, or one per level)."""
+    if text is None:
+        return [max(4 * c, 16) for c in levels]
+    try:
+        counts = [int(n) for n in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--num-prompts must be integers, got {text!r}") from None
+    if len(counts) == 1:
+        counts *= len(levels)
+    if len(counts) != len(levels) or min(counts) < 1:
+        raise ValueError(f"--num-prompts needs one positive count, or one per concurrency "
+                         f"level ({len(levels)}), got {text!r}")
+    return counts
+
+
+async def _benchmark(args: argparse.Namespace, levels: list[int], counts: list[int]) -> int:
     import httpx
 
     base = args.base_url.rstrip("/").removesuffix("/v1")
@@ -100,8 +118,7 @@ async def _benchmark(args: argparse.Namespace, levels: list[int]) -> int:
                 print(f"warm-up request failed: {t.error}", file=sys.stderr)
                 return 1
         results = []
-        for c in levels:
-            n = args.num_prompts or max(4 * c, 16)
+        for c, n in zip(levels, counts):
             requests = [(shape.body(p, args.output_len), p.num_tokens) for p in source.take(n)]
             timings = await run_level(client, args.endpoint, requests, c)
             results.append(_level_result(c, timings, args.output_len, shape.ignore_eos))

@@ -23,18 +23,17 @@ def usage_examples(host: str, port: int, model: str, api_key: str | None) -> str
 """
 
 
-def run_server(model: str, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
-               dtype: str = "auto", device: str = "auto", served_model_name: str | None = None,
-               api_key: str | None = None, max_num_seqs: int = 256,
-               max_model_len: int | None = None, max_waiting: int = 1024) -> None:
-    """Load ``model`` and serve it until interrupted."""
+def run_server(model: str, host: str = "127.0.0.1", port: int = 8000,
+               served_model_name: str | None = None, api_key: str | None = None,
+               max_waiting: int = 1024, **llm_kwargs) -> None:
+    """Load ``model`` (``llm_kwargs`` go to :class:`twinfer.llm.LLM`) and serve it until
+    interrupted."""
     import uvicorn
 
     from serve.app import create_app
 
     api_key = api_key or os.environ.get("TWINFER_API_KEY") or None
-    llm = LLM(model, engine=engine, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
-              max_model_len=max_model_len)
+    llm = LLM(model, **llm_kwargs)
     name = served_model_name or str(model)
     app = create_app(llm.engine, name, api_key=api_key, max_waiting=max_waiting)
     config = uvicorn.Config(app, host=host, port=port, log_level="info")

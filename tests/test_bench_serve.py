@@ -14,7 +14,7 @@ from serving import running_server
 
 from bench.cli import main as bench_main
 from bench.latency_stats import RequestTiming, percentile, summarize
-from bench.serve_load import parse_sse_line
+from bench.serve_load import parse_num_prompts, parse_sse_line
 from bench.serve_prompts import PromptSource
 from twinfer import LLM
 
@@ -102,6 +102,14 @@ def test_random_token_prompts_have_exact_lengths_and_never_repeat():
     assert all(p.num_tokens == 16 and len(p.prompt) == 16 for p in first + second)
     assert all(2 <= t < 256 for p in first for t in p.prompt)
     assert len({tuple(p.prompt) for p in first + second}) == 8
+
+
+def test_num_prompts_is_one_count_for_all_levels_or_one_per_level():
+    assert parse_num_prompts(None, [1, 100]) == [16, 400]
+    assert parse_num_prompts("8", [1, 100]) == [8, 8]
+    assert parse_num_prompts("4,100", [1, 100]) == [4, 100]
+    with pytest.raises(ValueError, match="one per concurrency level"):
+        parse_num_prompts("4,100,7", [1, 100])
 
 
 def test_sharegpt_prompts_are_first_human_turns(tmp_path):

@@ -20,7 +20,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (prefill chunk budget; default 2048)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights in MODEL's shapes (a preset such as "
+                   "llama-3.1-8b, or a directory's config.json), to measure speed")
+    p.add_argument("--quantization", default=None, metavar="SCHEME",
+                   help="RTN-quantize a dense model while loading: w4a16, w4a16-g64, "
+                   "w4a16-g128-sym, w8a16, w8a8")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -77,10 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_llm(args: argparse.Namespace):
     from twinfer.llm import LLM
 
-    return LLM(args.model, engine=args.engine, dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               num_kv_blocks=args.num_kv_blocks,
-               enable_prefix_caching=not args.no_prefix_caching)
+    return LLM(args.model, **_llm_kwargs(args))
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict:
+    """The engine arguments every subcommand that loads a model shares."""
+    return dict(engine=args.engine, dtype=args.dtype, device=args.device,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                num_kv_blocks=args.num_kv_blocks,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=not args.no_prefix_caching,
+                load_format=args.load_format, quantization=args.quantization)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -159,10 +174,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise RuntimeError(f"serving needs the 'serve' extra: pip install 'twinfer[serve]' "
                            f"({e})") from e
-    run_server(args.model, host=args.host, port=args.port, engine=args.engine,
-               dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
-               api_key=args.api_key, max_num_seqs=args.max_num_seqs,
-               max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+    run_server(args.model, host=args.host, port=args.port,
+               served_model_name=args.served_model_name, api_key=args.api_key,
+               max_waiting=args.max_waiting, **_llm_kwargs(args))
     return 0
 
 

@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from twinfer.cli import _add_engine_args
+from twinfer.cli import _add_engine_args, _llm_kwargs
 
 _TASKS_MAX_MODEL_LEN = 2048  # lm-eval's default max_length
 
@@ -35,8 +35,6 @@ def register(subparsers) -> None:
                        "HellaSwag .txt(.bz2) (see ../shared/data/eval)")
     tasks.add_argument("--limit", type=int, default=None, help="first N items of each task")
     for p in (ppl, kld, tasks):
-        p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="tokens per forward pass (bounds the logits held at once)")
         p.add_argument("--json", default=None, metavar="FILE", help="also write results here")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -73,10 +71,8 @@ def _make_llm(args: argparse.Namespace, model: str, max_model_len: int | None):
         batch_tokens = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
         # one request up to max_len in flight + a batch of packed ones + partial blocks
         num_blocks = -(-max_len // 16) + -(-batch_tokens // 16) + args.max_num_seqs
-    return LLM(model, engine=args.engine, dtype=args.dtype, device=args.device,
-               max_model_len=max_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=num_blocks,
-               enable_prefix_caching=not args.no_prefix_caching)
+    return LLM(model, **{**_llm_kwargs(args), "max_model_len": max_len,
+                         "num_kv_blocks": num_blocks})
 
 
 def _run_ppl(args: argparse.Namespace) -> dict:

@@ -9,9 +9,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig, parse_dtype, resolve_device
+from twinfer.dummy import dummy_hf_config, dummy_tokenizer, dummy_weights
 from twinfer.engine import LLMEngine
 from twinfer.models import resolve_model, twinfer_home
+from twinfer.online_quant import quantize_weights_rtn
 from twinfer.outputs import RequestOutput
+from twinfer.quant import QuantScheme
 from twinfer.registry import resolve_engine
 from twinfer.sampling import SamplingParams
 from twinfer.tokenizer import Tokenizer
@@ -30,6 +33,11 @@ class LLM:
         device: "auto", "cpu", "cuda" or "cuda:N".
         max_model_len: longest prompt + output in tokens (default: the model's own limit).
         num_kv_blocks: fix the KV cache size instead of deriving it from the memory budget.
+        load_format: "auto" reads the checkpoint; "dummy" makes random weights in the shapes
+            of ``model`` (a preset such as ``llama-3.1-8b``, or a directory's config.json),
+            for measuring speed without the checkpoint.
+        quantization: RTN-quantize a dense model while loading it (``w4a16``, ``w4a16-g64``,
+            ``w8a16``, ``w8a8``; see ``QuantScheme.parse``).
     """
 
     def __init__(self, model: str | Path, engine: str = "auto", dtype: str = "auto",
@@ -37,12 +45,24 @@ class LLM:
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_cache_bytes: int = 1 << 30, download_dir: str | Path | None = None):
+                 cpu_kv_cache_bytes: int = 1 << 30, download_dir: str | Path | None = None,
+                 load_format: str = "auto", quantization: str | None = None):
         home = Path(download_dir) if download_dir else twinfer_home()
-        path = resolve_model(model, home)
         device = resolve_device(device)
         engine = resolve_engine(engine, device)
-        weights = load_weights(path)
+        torch_dtype = parse_dtype(dtype, device)
+        if load_format == "dummy":
+            path = Path(str(model))
+            weights = dummy_weights(dummy_hf_config(model), torch_dtype, device)
+            tokenizer = dummy_tokenizer(model, weights.config)
+        elif load_format == "auto":
+            path = resolve_model(model, home)
+            weights = load_weights(path)
+            tokenizer = Tokenizer.load(path, weights.config.eos_token_ids, cache_dir=home)
+        else:
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        if quantization:
+            weights = quantize_weights_rtn(weights, QuantScheme.parse(quantization))
         model_cfg = weights.config
         max_len = max_model_len or model_cfg.max_position_embeddings
         if max_len > model_cfg.max_position_embeddings:
@@ -58,8 +78,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens or max(2048, max_num_seqs),
                 max_model_len=max_len),
-            engine=engine, device=device, dtype=parse_dtype(dtype, device))
-        tokenizer = Tokenizer.load(path, model_cfg.eos_token_ids, cache_dir=home)
+            engine=engine, device=device, dtype=torch_dtype)
         self.model_path = path
         self.engine = LLMEngine(config, weights, tokenizer)
         self.tokenizer = tokenizer

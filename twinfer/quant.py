@@ -14,6 +14,7 @@ symmetric absmax scale; the weight is then symmetric int8 (zeros all 128).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,22 @@ class QuantScheme:
         if self.act_bits == 8 and not (self.bits == 8 and self.sym and self.group_size == -1):
             raise ValueError("8-bit activations need symmetric per-channel 8-bit weights "
                              "(--wbits 8 --sym --group-size -1)")
+
+    @classmethod
+    def parse(cls, text: str) -> QuantScheme:
+        """``w4a16``, ``w4a16-g64``, ``w4a16-g128-sym``, ``w8a16``, ``w8a8`` -> a scheme.
+
+        Defaults follow common practice: 8-bit weights per output channel and symmetric,
+        4-bit weights in asymmetric groups of 128.
+        """
+        m = re.fullmatch(r"w(\d+)a(\d+)(?:-g(\d+|-1))?(?:-(sym|asym))?", text.strip().lower())
+        if m is None:
+            raise ValueError(f"quantization scheme must look like w4a16, w4a16-g64, "
+                             f"w4a16-g128-sym, w8a16 or w8a8; got {text!r}")
+        bits, act_bits = int(m[1]), int(m[2])
+        group = int(m[3]) if m[3] else (-1 if bits == 8 else 128)
+        sym = m[4] == "sym" if m[4] else bits == 8
+        return cls(bits, group, sym, act_bits)
 
     @property
     def name(self) -> str:
