@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 import torch
-
 from serving import free_port
+
 from twinfer import LLM, SamplingParams
 from twinfer.config import ModelConfig
 from twinfer.dummy import (
