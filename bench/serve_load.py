@@ -47,8 +47,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-prompt", default="auto", choices=["auto", "ids", "words"],
                    help="random prompts as token-id lists (exact lengths; completions only) or "
                    "words (any endpoint); auto: ids for completions, words for chat")
-    p.add_argument("--token-range", default="100:10000",
-                   help="LO:HI, half-open range of random prompt token ids")
+    p.add_argument("--token-range", default=None,
+                   help="LO:HI, half-open range of random prompt token ids (default 100:10000, "
+                   "narrowed to the vocabulary when the server's /v1/models gives vocab_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", action="store_true",
@@ -97,7 +98,6 @@ async def _benchmark(args: argparse.Namespace, levels: list[int], counts: list[i
     base = args.base_url.rstrip("/").removesuffix("/v1")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    source = _prompt_source(args)
     extra = json.loads(args.extra_body) if args.extra_body else {}
     if not isinstance(extra, dict):
         raise ValueError("--extra-body must be a JSON object")
@@ -105,10 +105,12 @@ async def _benchmark(args: argparse.Namespace, levels: list[int], counts: list[i
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(600.0, connect=60.0)) as client:
         try:
-            model = args.model or await _first_model(client)
+            card = await _model_card(client, args.model)
         except httpx.HTTPError as e:
             print(f"cannot list the server's models at {base}/v1/models: {e}", file=sys.stderr)
             return 1
+        model = args.model or card["id"]
+        source = _prompt_source(args, card.get("vocab_size"))
         shape = _BodyShape(args.endpoint, model, args.temperature, not args.no_ignore_eos, extra)
         for prompt in source.take(args.num_warmups):
             t = await send_request(client, args.endpoint,
@@ -132,19 +134,33 @@ async def _benchmark(args: argparse.Namespace, levels: list[int], counts: list[i
     return 0 if all(r["num_failed"] == 0 for r in results) else 1
 
 
-def _prompt_source(args: argparse.Namespace) -> PromptSource:
+def default_token_range(vocab_size: int | None) -> tuple[int, int]:
+    """100:10000, inside the vocabulary when its size is known (ids below 100 are often
+    special tokens in real vocabularies; tiny test vocabularies start at 2)."""
+    if vocab_size is None or vocab_size >= 10000:
+        return 100, 10000
+    return (100 if vocab_size > 1000 else 2), vocab_size
+
+
+def _prompt_source(args: argparse.Namespace, vocab_size: int | None) -> PromptSource:
     use_ids = args.random_prompt == "ids" or (args.random_prompt == "auto"
                                               and args.endpoint == "completions")
     if use_ids and args.endpoint == "chat":
         raise ValueError("--random-prompt ids needs --endpoint completions")
-    return PromptSource(args.dataset, args.input_len, args.seed, use_ids,
-                        parse_token_range(args.token_range))
+    token_range = (parse_token_range(args.token_range) if args.token_range
+                   else default_token_range(vocab_size))
+    return PromptSource(args.dataset, args.input_len, args.seed, use_ids, token_range)
 
 
-async def _first_model(client) -> str:
+async def _model_card(client, name: str | None) -> dict:
+    """The /v1/models entry of ``name`` (default: the first listed); ``{"id": name}`` when
+    the server does not list it."""
     r = await client.get("/v1/models")
     r.raise_for_status()
-    return r.json()["data"][0]["id"]
+    cards = r.json()["data"]
+    if name is None:
+        return cards[0]
+    return next((c for c in cards if c.get("id") == name), {"id": name})
 
 
 class _BodyShape:

@@ -99,7 +99,9 @@ def _register_basic_routes(app: FastAPI, state: ServerState) -> None:
         check_auth(request, state)
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "twinfer", "max_model_len": state.max_model_len}]}
+            "owned_by": "twinfer", "max_model_len": state.max_model_len,
+            # not in OpenAI's schema: lets load generators draw valid random token ids
+            "vocab_size": state.engine.engine.config.model.vocab_size}]}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

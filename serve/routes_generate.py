@@ -39,6 +39,8 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     discard_output: bool = False  # max_tokens=0: only the prompt (echo / logprobs) is wanted
+    # The n choices of one prompt are n engine requests; usage and /metrics count the prompt once.
+    counts_prompt: bool = True
     # streaming progress
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -105,7 +107,8 @@ async def _tracked(state: ServerState, job: Job) -> AsyncIterator[RequestOutput]
         m.e2e.observe(end - start)
         if n > 1:
             m.tpot.observe((end - first) / (n - 1))
-        m.prompt_tokens.inc(len(job.prompt_ids))
+        if job.counts_prompt:
+            m.prompt_tokens.inc(len(job.prompt_ids))
         m.generation_tokens.inc(n)
 
 
@@ -150,8 +153,8 @@ async def _stream(state: ServerState, jobs: list[Job], make_chunks, final_chunk)
 
 
 def _usage_of(jobs: list[Job]) -> dict:
-    prompts = {j.prompt_index: len(j.prompt_ids) for j in jobs}
-    return usage(sum(prompts.values()), sum(j.completion_tokens() for j in jobs))
+    return usage(sum(len(j.prompt_ids) for j in jobs if j.counts_prompt),
+                 sum(j.completion_tokens() for j in jobs))
 
 
 # -- /v1/completions --------------------------------------------------------------------------
@@ -184,7 +187,8 @@ def _completion_jobs(req: CompletionRequest, state: ServerState) -> list[Job]:
         prompt_lp = req.logprobs if req.echo and req.logprobs is not None else None
         for i in range(req.n):
             params = _sampling_params(req, max_tokens, i, req.logprobs, prompt_lp)
-            jobs.append(Job(len(jobs), p_idx, text, ids, params, discard))
+            jobs.append(Job(len(jobs), p_idx, text, ids, params, discard,
+                            counts_prompt=i == 0))
     return jobs
 
 
@@ -300,7 +304,8 @@ def _chat_jobs(req: ChatCompletionRequest, state: ServerState) -> list[Job]:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return [Job(i, 0, "", ids, _sampling_params(req, max_tokens, i, logprobs, None))
+    return [Job(i, 0, "", ids, _sampling_params(req, max_tokens, i, logprobs, None),
+                counts_prompt=i == 0)
             for i in range(req.n)]
 
 

@@ -14,7 +14,7 @@ from serving import running_server
 
 from bench.cli import main as bench_main
 from bench.latency_stats import RequestTiming, percentile, summarize
-from bench.serve_load import parse_num_prompts, parse_sse_line
+from bench.serve_load import default_token_range, parse_num_prompts, parse_sse_line
 from bench.serve_prompts import PromptSource
 from twinfer import LLM
 
@@ -112,6 +112,13 @@ def test_num_prompts_is_one_count_for_all_levels_or_one_per_level():
         parse_num_prompts("4,100,7", [1, 100])
 
 
+def test_random_token_ids_stay_inside_a_small_vocabulary():
+    assert default_token_range(None) == (100, 10000)
+    assert default_token_range(128256) == (100, 10000)
+    assert default_token_range(4000) == (100, 4000)
+    assert default_token_range(256) == (2, 256)
+
+
 def test_sharegpt_prompts_are_first_human_turns(tmp_path):
     path = tmp_path / "sg.json"
     path.write_text(json.dumps([
@@ -144,7 +151,7 @@ def test_serve_benchmark_token_counts_agree_with_server_metrics(tiny_model_facto
         before = _counters(url)
         rc = bench_main(["bench", "serve", "--base-url", url + "/v1", "--model", MODEL,
                          "--concurrency", "1,4", "--num-prompts", "8", "--input-len", "16",
-                         "--output-len", "8", "--token-range", "2:256", "--num-warmups", "0",
+                         "--output-len", "8", "--num-warmups", "0",
                          "-o", str(tmp_path)])
         after = _counters(url)
     assert rc == 0
@@ -164,6 +171,23 @@ def test_serve_benchmark_token_counts_agree_with_server_metrics(tiny_model_facto
     assert delta("twinfer_generation_tokens_total") == sum(r["total_output_tokens"]
                                                            for r in results)
     assert delta("twinfer_requests_total/200") == 16
+
+
+def test_prompt_tokens_of_n_choices_count_once_in_usage_and_metrics(tiny_model_factory):
+    from openai import OpenAI
+
+    llm = LLM(str(tiny_model_factory("llama")), engine="torch", max_model_len=128,
+              max_num_seqs=8, num_kv_blocks=64)
+    with running_server(llm.engine, MODEL) as (url, _):
+        before = _counters(url)
+        done = OpenAI(base_url=url + "/v1", api_key="none").completions.create(
+            model=MODEL, prompt=[5, 6, 7, 8, 9], n=3, max_tokens=4,
+            extra_body={"ignore_eos": True})
+        after = _counters(url)
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (5, 12)
+    assert after["twinfer_prompt_tokens_total"] - before.get("twinfer_prompt_tokens_total", 0) == 5
+    assert after["twinfer_generation_tokens_total"] - \
+        before.get("twinfer_generation_tokens_total", 0) == 12
 
 
 def test_offline_benchmark_reports_every_batch_size(tiny_model_factory, tmp_path, capsys):
