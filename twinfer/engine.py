@@ -138,11 +138,13 @@ class LLMEngine:
         sample_seqs = [batch.seqs[i] for i in batch.sample_seq_indices]
         rows = batch.sample_logit_rows
         sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        # Token histories are copies (output_token_ids slices): only penalties read them.
+        history = any(s.params.uses_penalties for s in sample_seqs)
         sampled = self.sampler(sample_logits, SamplerInput(
             params=[s.params for s in sample_seqs],
             generators=[s.generator for s in sample_seqs],
-            prompt_token_ids=[s.prompt_token_ids for s in sample_seqs],
-            output_token_ids=[s.output_token_ids for s in sample_seqs]))
+            prompt_token_ids=[s.prompt_token_ids if history else [] for s in sample_seqs],
+            output_token_ids=[s.output_token_ids if history else [] for s in sample_seqs]))
         self._record_prompt_logprobs(batch, logits)
         self.stats.num_steps += 1
         self.stats.num_scheduled_tokens += batch.num_tokens

@@ -78,6 +78,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling needs the tokens seen so far (repetition/presence/frequency)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) \
+            or bool(self.frequency_penalty)
+
 
 def _check_number(name: str, value: object, lo: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
@@ -113,8 +119,7 @@ class Sampler:
         raw_logprobs = None
         if any(p.logprobs is not None for p in batch.params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-               for p in batch.params):
+        if any(p.uses_penalties for p in batch.params):
             logits = apply_penalties(logits.clone(), batch)
         # Greedy rows in one argmax and one device->host copy; sampled rows one by one, each
         # with its own generator.
