@@ -61,7 +61,8 @@ def run_variant(args: argparse.Namespace, variant: str, port: int, out: Path) ->
         rc = bench_main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
                          "--concurrency", args.concurrency, "--num-prompts", args.num_prompts,
                          "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                         "--token-range", args.token_range, "-o", str(bench_dir)])
+                         *(["--token-range", args.token_range] if args.token_range else []),
+                         "-o", str(bench_dir)])
         if rc != 0:
             print(f"{variant}: bench serve exited with {rc}", flush=True)
         result = json.loads(next(bench_dir.glob("serve-*.json")).read_text())
@@ -75,7 +76,7 @@ def run_variant(args: argparse.Namespace, variant: str, port: int, out: Path) ->
         log.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.1-8b",
                     help="shape preset or directory with config.json (weights are random)")
@@ -84,13 +85,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", default="3,100")
     ap.add_argument("--input-len", type=int, default=2048)
     ap.add_argument("--output-len", type=int, default=2048)
-    ap.add_argument("--token-range", default="1000:100000")
+    ap.add_argument("--token-range", default=None,
+                    help="LO:HI of random prompt ids (default: bench serve's, from vocab_size)")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("-o", "--output-dir", default="bench-results/serve-compare")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

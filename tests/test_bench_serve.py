@@ -213,3 +213,20 @@ def test_offline_benchmark_reports_every_batch_size(tiny_model_factory, tmp_path
         assert r["output_tok_per_s"] == pytest.approx(4 * bs / r["wall_s"])
         assert r["peak_memory_bytes"] > 0 and r["roofline_fraction"] is None
         assert r["decode_bytes_per_step"] == report["weight_bytes_per_step"] + bs * 10 * 512
+
+
+def test_serve_compare_measures_each_variant_through_a_real_server(tiny_model_factory, tmp_path,
+                                                                    capsys):
+    from serving import free_port
+
+    from bench.serve_compare import main as serve_compare
+    serve_compare(["--model", str(tiny_model_factory("llama")), "--variants", "fp16,w8a16",
+                   "--concurrency", "1,2", "--num-prompts", "2,2", "--input-len", "8",
+                   "--output-len", "4", "--max-num-seqs", "4", "--port", str(free_port()),
+                   "-o", str(tmp_path)])
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| fp16 |", "| w8a16 |"))]
+    assert [r.split("|")[1:4] for r in rows] == [
+        [" fp16 ", " 1 ", " 2 "], [" fp16 ", " 2 ", " 2 "],
+        [" w8a16 ", " 1 ", " 2 "], [" w8a16 ", " 2 ", " 2 "]]
+    assert all(r.split("|")[4].strip() == "0" for r in rows)  # no failed requests
