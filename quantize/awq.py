@@ -11,7 +11,9 @@
 Both errors are quadratic forms in the weight error: for inputs x with second moment
 C = E[x^T x], E||x (W - W_q)^T||^2 = sum_n (W - W_q)_n C (W - W_q)_n^T. Computing them from C
 (the same matrix GPTQ calls H / 2) costs N K^2 per candidate instead of tokens x N x K, and
-uses every calibration token rather than a sample.
+uses every calibration token rather than a sample. C may also be [R, K, K], one moment per
+block of N / R consecutive output rows (v_proj's rows per KV head, measured on the inputs as
+the attention mixes them: see ``quantize.pipeline``).
 """
 
 from __future__ import annotations
@@ -22,41 +24,71 @@ from twinfer.quant import QuantScheme, fake_quantize
 
 
 def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Mean squared output error per output channel for weight error delta [N, K]."""
-    return ((delta @ C) * delta).sum(1)
+    """Mean squared output error per output channel for weight error delta [N, K] under
+    input second moment C: [K, K], or [R, K, K] per block of N / R rows."""
+    C = C.reshape(-1, *C.shape[-2:])
+    d = delta.reshape(C.shape[0], -1, delta.shape[1])
+    return ((d @ C) * d).sum(-1).reshape(delta.shape[0])
 
 
-def search_scale(C: torch.Tensor, x_mean_abs: torch.Tensor, weights: list[torch.Tensor],
-                 scheme: QuantScheme, grid: int = 20) -> torch.Tensor:
+def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
+                 weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
+                 duo: bool = True) -> torch.Tensor:
     """The best per-input-channel scale s [K] for linears ``weights`` ([N_i, K]) whose inputs
-    have second moment ``C`` [K, K] and mean magnitude ``x_mean_abs`` [K]."""
-    W = torch.cat(weights)
+    have mean magnitude ``x_mean_abs`` [K] and second moment ``C`` (one for all, or one per
+    weight: see the module docstring); ``duo`` adds AutoAWQ's weight-aware candidates."""
+    moments = C if isinstance(C, list) else [C] * len(weights)
     best_loss, best_s = float("inf"), torch.ones_like(x_mean_abs)
-    for step in range(grid):
-        s = x_mean_abs.clamp(min=1e-4).pow(step / grid)
-        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
-        loss = output_error(W - fake_quantize(W * s, scheme) / s, C).mean().item()
+    for s in _scale_candidates(x_mean_abs, weights, scheme, grid, duo):
+        loss = sum(output_error(w - fake_quantize(w * s, scheme) / s, m).sum().item()
+                   for w, m in zip(weights, moments))
         if loss < best_loss:
             best_loss, best_s = loss, s
     return best_s
 
 
+def _scale_candidates(x_mean_abs: torch.Tensor, weights: list[torch.Tensor],
+                      scheme: QuantScheme, grid: int, duo: bool) -> list[torch.Tensor]:
+    """mean|x|^a, and with ``duo`` mean|x|^a / mean|w|^(1-a), for a on the grid, each
+    centred around 1 (geometric mean of its extremes)."""
+    x = x_mean_abs.clamp(min=1e-4)
+    w_mean = torch.cat([_normalised_weight_magnitude(w, scheme) for w in weights]).mean(0)
+    out = []
+    for step in range(grid):
+        a = step / grid
+        out.append(x.pow(a))
+        if duo:
+            out.append((x.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4))
+    return [s / (s.max() * s.min()).sqrt() for s in out]
+
+
+def _normalised_weight_magnitude(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """|w| over its quantization group's max |w|: [N, K] (AutoAWQ's ``w_scale``)."""
+    N, K = w.shape
+    gs = scheme.group_size_for(K, "weight")
+    g = w.abs().view(N, K // gs, gs)
+    return (g / (g.amax(-1, keepdim=True) + 1e-6)).view(N, K)
+
+
 def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, layer: str,
                 grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
     """Per (output channel, group) clipping bound max|w| [N, G, 1] minimising each group's
-    contribution to the output error (inputs' second moment ``C`` [K, K])."""
+    contribution to the output error (inputs' second moment ``C`` [K, K] or [R, K, K])."""
     N, K = weight.shape
     gs = scheme.group_size_for(K, layer)
     G = K // gs
-    C_groups = torch.stack([C[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)])
+    C = C.reshape(-1, K, K)
+    R = C.shape[0]
+    C_groups = torch.stack([C[:, g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(G)],
+                           1)  # [R, G, gs, gs]
     w = weight.view(N, G, gs)
     org_max = w.abs().amax(-1, keepdim=True)  # [N, G, 1]
     best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
     for step in range(int(max_shrink * grid)):
         max_val = org_max * (1 - step / grid)
         wq = fake_quantize(torch.clamp(w, -max_val, max_val).view(N, K), scheme).view(N, G, gs)
-        delta = w - wq
-        err = torch.einsum("ngk,gkl,ngl->ng", delta, C_groups, delta).unsqueeze(-1)
+        delta = (w - wq).view(R, N // R, G, gs)
+        err = torch.einsum("rngk,rgkl,rngl->rng", delta, C_groups, delta).reshape(N, G, 1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)

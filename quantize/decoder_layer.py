@@ -5,6 +5,11 @@ arithmetic is engine_torch's (same rms_norm and rotary). Each linear's input pas
 an ``observe(name, x)`` callback first: that is where the methods collect statistics, so no
 hooks are ever attached to anything.
 
+With ``observe_mixed_v`` the layer also reports, as ``MIXED_V``, v_proj's inputs as each query
+head's attention mixes them: [Hkv, B * H / Hkv * T, hidden], KV head first. v's error reaches
+the attention output only through that mixture, so it, not the raw input, is what v's
+quantization error should be measured on (see ``quantize.pipeline``).
+
 Linear names are the Hugging Face suffixes: ``self_attn.q_proj`` ... ``mlp.down_proj``.
 """
 
@@ -22,6 +27,7 @@ from twinfer.quant import quantize_activations_per_token
 ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 LINEARS = ATTN_IN + ("self_attn.o_proj",) + MLP_IN + ("mlp.down_proj",)
+MIXED_V = "self_attn.v_proj:mixed"
 
 Observer = Callable[[str, torch.Tensor], None]
 
@@ -46,10 +52,10 @@ def _linear(t: dict[str, torch.Tensor], name: str, x: torch.Tensor, observe: Obs
 
 def layer_forward(cfg: ModelConfig, t: dict[str, torch.Tensor], x: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, observe: Observer | None = None,
-                  act_int8: bool = False) -> torch.Tensor:
+                  act_int8: bool = False, observe_mixed_v: bool = False) -> torch.Tensor:
     """x [B, T, hidden] -> the layer's output [B, T, hidden] (residuals included).
 
-    cos, sin: [T, head_dim] for positions 0..T-1.
+    cos, sin: [T, head_dim] for positions 0..T-1. ``observe_mixed_v``: see the module docstring.
     """
     B, T, _ = x.shape
     H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
@@ -70,8 +76,23 @@ def layer_forward(cfg: ModelConfig, t: dict[str, torch.Tensor], x: torch.Tensor,
     v = v.transpose(1, 2)
     if Hkv != H:
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    if observe is not None and observe_mixed_v:
+        observe(MIXED_V, _mixed_inputs(q, k, h, Hkv))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)
     x = x + lin("self_attn.o_proj", o.transpose(1, 2).reshape(B, T, H * D))
     h = rms_norm(x, t["post_attention_layernorm.weight"], eps)
     act = F.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h)
     return x + lin("mlp.down_proj", act)
+
+
+def _mixed_inputs(q: torch.Tensor, k: torch.Tensor, h: torch.Tensor, num_kv_heads: int
+                  ) -> torch.Tensor:
+    """Each query head's attention applied to the layer's normed input h [B, T, hidden]:
+    [Hkv, B * H / Hkv * T, hidden], grouped by the KV head whose v rows the head reads.
+    q, k: [B, H, T, D] after rotary (k already repeated per query head)."""
+    B, H, T, D = q.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(causal, float("-inf")).softmax(-1)
+    mixed = probs @ h.unsqueeze(1)  # [B, H, T, hidden]
+    return mixed.view(B, num_kv_heads, H // num_kv_heads, T, -1).transpose(0, 1).reshape(
+        num_kv_heads, -1, h.shape[-1])

@@ -5,6 +5,10 @@ inputs, H = 2 X^T X / n. Blocked updates (128 columns at a time) keep it matmul-
 Groups are formed in the order columns are quantized; with ``act_order`` that order is by
 decreasing diag(H) (the most active inputs first) and ``g_idx`` records each input channel's
 group, as GPTQ checkpoints with ``desc_act`` do.
+
+A weight's output rows may come in R blocks that each see different inputs (v_proj's rows per
+KV head: each is read through its own heads' attention), so H may be [R, K, K], one Hessian
+per block of N / R consecutive rows; the algorithm is the same, batched over blocks.
 """
 
 from __future__ import annotations
@@ -15,66 +19,55 @@ from twinfer.quant import QuantizedWeight, QuantScheme, compute_qparams, quantiz
 
 
 class HessianAccumulator:
-    """Running H = 2 X^T X / n over batches of a linear's inputs [..., K]."""
+    """Running H = 2 X^T X / n over batches of a linear's inputs: [K, K] from inputs [..., K],
+    or with ``num_blocks`` R, [R, K, K] from inputs [R, ..., K] (one Hessian per row block)."""
 
-    def __init__(self, in_features: int, device: torch.device | str):
-        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+    def __init__(self, in_features: int, device: torch.device | str,
+                 num_blocks: int | None = None):
+        shape = (in_features, in_features) if num_blocks is None else (
+            num_blocks, in_features, in_features)
+        self.H = torch.zeros(shape, device=device, dtype=torch.float32)
         self.num_rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
+        batched = self.H.dim() == 3
+        x = x.reshape(x.shape[0] if batched else 1, -1, x.shape[-1]).float()  # [R, n, K]
+        n = x.shape[1]
         self.H *= self.num_rows / (self.num_rows + n)
         self.num_rows += n
         x = x * (2 / self.num_rows) ** 0.5
-        self.H += x.t() @ x
+        self.H += (x.transpose(1, 2) @ x).view_as(self.H)
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, layer: str,
-                  act_order: bool = False, damp: float = 0.01, block_size: int = 128
-                  ) -> QuantizedWeight:
-    """GPTQ-quantize ``weight`` [N, K] given its input Hessian ``H`` [K, K]."""
-    W = weight.detach().clone().float()
-    N, K = W.shape
-    gs = scheme.group_size_for(K, layer)
-    H = H.clone().float()
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    H[range(K), range(K)] += damp * torch.mean(torch.diag(H))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                  order_by: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` [N, K] given its input Hessian ``H``: [K, K] shared by every
+    row, or [R, K, K], one per block of N / R consecutive rows (see the module docstring).
 
-    codes = torch.zeros_like(W)
-    scales = torch.zeros(N, K // gs, device=W.device)
-    zeros = torch.zeros_like(scales)
-    if gs == K:  # per channel: one range for the whole row, fixed before any update
-        scale, zero = compute_qparams(W.amin(1, keepdim=True), W.amax(1, keepdim=True),
-                                      scheme.bits, scheme.sym)
-    for b0 in range(0, K, block_size):
-        b1 = min(b0 + block_size, K)
-        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
-        err1 = torch.zeros_like(W1)
-        for i in range(b1 - b0):
-            col = b0 + i
-            if gs != K and col % gs == 0:
-                # The group's range from its current (already error-updated) values.
-                g = (W1[:, i:i + gs] if i + gs <= b1 - b0
-                     else torch.cat([W1[:, i:], W[:, b1:col + gs]], 1))
-                scale, zero = compute_qparams(g.amin(1, keepdim=True), g.amax(1, keepdim=True),
-                                              scheme.bits, scheme.sym)
-                scales[:, col // gs], zeros[:, col // gs] = scale[:, 0], zero[:, 0]
-            w = W1[:, i:i + 1]
-            q = quantize_codes(w, scale, zero, scheme.bits)
-            codes[:, col:col + 1] = q
-            err = (w - (q - zero) * scale) / Hinv1[i, i]
-            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
-            err1[:, i:i + 1] = err
-        W[:, b1:] -= err1 @ Hinv[b0:b1, b1:]
-    if gs == K:
-        scales, zeros = scale, zero
+    ``order_by`` [K]: what act-order sorts by (default diag(H)); linears fused at load time
+    (q/k/v, gate/up) must pass the same one so that their g_idx agree."""
+    N, K = weight.shape
+    H = H.clone().float().reshape(-1, K, K)  # [R, K, K]
+    R = H.shape[0]
+    if N % R:
+        raise ValueError(f"{layer}: {N} rows do not split into {R} Hessian blocks")
+    W = weight.detach().clone().float().reshape(R, N // R, K)
+    gs = scheme.group_size_for(K, layer)
+    diag = H.diagonal(dim1=-2, dim2=-1)  # a view: writes go into H
+    dead = diag == 0  # inputs that were always zero: their weights cannot matter
+    diag[dead] = 1
+    W.masked_fill_(dead[:, None, :], 0)
+    # One order for every block: a checkpoint has a single g_idx per linear.
+    order = diag.sum(0) if order_by is None else order_by
+    perm = torch.argsort(order, descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[..., perm], H[:, perm][:, :, perm]
+        diag = H.diagonal(dim1=-2, dim2=-1)
+    diag += damp * diag.mean(-1, keepdim=True)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes, scales, zeros = _quantize_columns(W, Hinv, scheme, gs, block_size)
+    codes, scales, zeros = codes.reshape(N, K), scales.reshape(N, -1), zeros.reshape(N, -1)
 
     g_idx = None
     if perm is not None:
@@ -84,3 +77,39 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, la
     return QuantizedWeight(codes=codes.to(torch.uint8).contiguous(), scales=scales.contiguous(),
                            zeros=zeros.to(torch.uint8).contiguous(), bits=scheme.bits,
                            group_size=gs, act_bits=scheme.act_bits, g_idx=g_idx)
+
+
+def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, scheme: QuantScheme, gs: int,
+                      block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop over W [R, M, K] (updated in place) with upper Cholesky factors
+    of the inverse Hessians Hinv [R, K, K]: codes [R, M, K], scales and zeros [R, M, G]."""
+    R, M, K = W.shape
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(R, M, K // gs, device=W.device)
+    zeros = torch.zeros_like(scales)
+    if gs == K:  # per channel: one range for the whole row, fixed before any update
+        scale, zero = compute_qparams(W.amin(-1, keepdim=True), W.amax(-1, keepdim=True),
+                                      scheme.bits, scheme.sym)
+    for b0 in range(0, K, block_size):
+        b1 = min(b0 + block_size, K)
+        W1, Hinv1 = W[..., b0:b1].clone(), Hinv[:, b0:b1, b0:b1]
+        err1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if gs != K and col % gs == 0:
+                # The group's range from its current (already error-updated) values.
+                g = (W1[..., i:i + gs] if i + gs <= b1 - b0
+                     else torch.cat([W1[..., i:], W[..., b1:col + gs]], -1))
+                scale, zero = compute_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True),
+                                              scheme.bits, scheme.sym)
+                scales[..., col // gs], zeros[..., col // gs] = scale[..., 0], zero[..., 0]
+            w = W1[..., i:i + 1]  # [R, M, 1]
+            q = quantize_codes(w, scale, zero, scheme.bits)
+            codes[..., col:col + 1] = q
+            err = (w - (q - zero) * scale) / Hinv1[:, i:i + 1, i:i + 1]
+            W1[..., i:] -= err * Hinv1[:, i:i + 1, i:]  # outer product [R, M, B - i]
+            err1[..., i:i + 1] = err
+        W[..., b1:] -= err1 @ Hinv[:, b0:b1, b1:]
+    if gs == K:
+        scales, zeros = scale, zero
+    return codes, scales, zeros

@@ -2,7 +2,7 @@
 at a time, so memory stays near one layer's weights plus the windows' hidden states.
 
 For each layer: one forward pass collects what the method needs about each linear's inputs
-(Hessians for GPTQ, magnitudes and a row sample for AWQ, maxima for SmoothQuant); the method
+(Hessians for GPTQ, magnitudes and second moments for AWQ, maxima for SmoothQuant); the method
 rewrites the layer (folded scales) and quantizes its seven linears; a second forward pass
 through the *quantized* layer produces the next layer's inputs, so later layers calibrate
 against the errors of earlier ones, as GPTQ and AWQ do.
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from engine_torch.layers import rope_inv_freq, rotary_cos_sin
 from quantize import awq
 from quantize.calibration import calibration_windows
-from quantize.decoder_layer import LINEARS, layer_forward, layer_tensors
+from quantize.decoder_layer import LINEARS, MIXED_V, layer_forward, layer_tensors
 from quantize.gptq import HessianAccumulator, gptq_quantize
 from quantize.smoothing import fold_scales, scale_groups, smoothquant_scales
 from twinfer.quant import QuantizedWeight, QuantScheme, quantize_rtn
@@ -79,6 +79,10 @@ class _InputStats:
         self.count = 0
 
     def observe(self, name: str, x: torch.Tensor) -> None:
+        if name == MIXED_V:  # [Hkv, rows, K]: one Hessian per KV head's v rows
+            self.hessian.setdefault(name, HessianAccumulator(x.shape[-1], self.device,
+                                                             x.shape[0])).add(x)
+            return
         if _INPUT_OF[name] != name:
             return
         x = x.reshape(-1, x.shape[-1])
@@ -98,7 +102,7 @@ class _InputStats:
         return self.abs_sum[name] / self.count
 
     def second_moment(self, name: str) -> torch.Tensor:
-        """E[x^T x] over every calibration token: [K, K]."""
+        """E[x^T x] over every calibration token: [K, K] ([Hkv, K, K] for ``MIXED_V``)."""
         return self.hessian[name].H / 2
 
 
@@ -141,7 +145,8 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
                  for n in LINEARS}
         else:
             stats = _InputStats(options.method, device)
-            _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe)
+            _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe,
+                     observe_mixed_v=options.method in ("gptq", "awq"))
             q = _METHODS[options.method](cfg, t, stats, options, f"model.layers.{i}")
             for name, qw in q.items():
                 t[name + ".weight"] = qw.dequantize()
@@ -156,16 +161,38 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
 
 
 @torch.no_grad()
-def _forward(cfg, t, x, cos, sin, batch_size, observe, act_int8=False) -> torch.Tensor:
-    out = [layer_forward(cfg, t, x[b:b + batch_size], cos, sin, observe, act_int8)
+def _forward(cfg, t, x, cos, sin, batch_size, observe, act_int8=False,
+             observe_mixed_v=False) -> torch.Tensor:
+    out = [layer_forward(cfg, t, x[b:b + batch_size], cos, sin, observe, act_int8,
+                         observe_mixed_v)
            for b in range(0, x.shape[0], batch_size)]
     return torch.cat(out)
 
 
 def _gptq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
-    return {n: gptq_quantize(t[n + ".weight"], stats.hessian[_INPUT_OF[n]].H, options.scheme,
-                             f"{prefix}.{n}", options.act_order, options.damp)
+    # GPTQ is blind to H's scale (damping is relative), so the second moment serves as H.
+    # Act-order sorts by one key per shared input (for q/k/v: v's error moment, the widest),
+    # so that linears fused at load time get one g_idx.
+    order = {key: _error_moment(stats, "self_attn.v_proj" if key == "self_attn.q_proj" else key)
+             .reshape(-1, *stats.second_moment(key).shape).diagonal(dim1=-2, dim2=-1).sum(0)
+             for key in set(_INPUT_OF.values())}
+    return {n: gptq_quantize(t[n + ".weight"], _error_moment(stats, n), options.scheme,
+                             f"{prefix}.{n}", options.act_order, options.damp,
+                             order_by=order[_INPUT_OF[n]])
             for n in LINEARS}
+
+
+def _error_moment(stats: _InputStats, name: str) -> torch.Tensor:
+    """The second moment [K, K] (v_proj: [Hkv, K, K]) that ``name``'s quantization error is
+    weighed with. For v_proj: its inputs as the attention mixes them, per KV head, plus the
+    raw inputs. The raw inputs alone nearly ignore the first token (1 row in T), yet most of
+    every query's attention lands on it (the attention sink), so GPTQ pushed v's error into
+    that token's directions (SmolLM2-135M: v error on the sink 10-40x RTN's; GPTQ on v alone
+    worse than RTN). The raw term keeps short contexts, whose mixing differs, covered."""
+    raw = stats.second_moment(_INPUT_OF[name])
+    if name == "self_attn.v_proj":
+        return stats.second_moment(MIXED_V) + raw
+    return raw
 
 
 def _smoothquant(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
@@ -177,20 +204,20 @@ def _smoothquant(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: s
 
 
 def _awq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
-    C = {}  # each input's second moment, after the scale folded into its producer
+    # Each linear's error moment (see _error_moment), rescaled as scales fold into its input.
+    C = {n: _error_moment(stats, n) for n in LINEARS}
     for group in scale_groups(cfg):
-        key = _INPUT_OF[group.linears[0]]
-        s = awq.search_scale(stats.second_moment(key), stats.mean_abs(key),
+        s = awq.search_scale([C[n] for n in group.linears],
+                             stats.mean_abs(_INPUT_OF[group.linears[0]]),
                              [t[n + ".weight"] for n in group.linears], options.scheme)
         fold_scales(t, group, s)
-        C[key] = stats.second_moment(key) / (s[:, None] * s[None, :])  # inputs are now x / s
+        for n in group.linears:
+            C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s
     q = {}
     for n in LINEARS:
-        key = _INPUT_OF[n]
         w = t[n + ".weight"]
         if n not in ("self_attn.q_proj", "self_attn.k_proj"):
-            moment = C.get(key, stats.second_moment(key))
-            w = awq.apply_clip(w, awq.search_clip(moment, w, options.scheme, f"{prefix}.{n}"))
+            w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}"))
         q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
     return q
 

@@ -17,7 +17,7 @@ from engine_torch.layers import rms_norm, rope_inv_freq, rotary_cos_sin
 from quantize.awq import apply_clip, search_clip, search_scale
 from quantize.calibration import CalibrationError, calibration_windows, load_calibration_texts
 from quantize.cli import quantize_checkpoint
-from quantize.decoder_layer import layer_forward, layer_tensors
+from quantize.decoder_layer import MIXED_V, layer_forward, layer_tensors
 from quantize.gptq import HessianAccumulator, gptq_quantize
 from quantize.pipeline import QuantizeOptions
 from quantize.smoothing import fold_scales, scale_groups
@@ -67,6 +67,36 @@ def test_hessian_accumulator_equals_two_xtx_over_n():
     for chunk in x.split(70):
         acc.add(chunk)
     torch.testing.assert_close(acc.H, 2 * x.t() @ x / 300, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_with_per_block_hessians_equals_one_call_per_block():
+    x, w = correlated_inputs(), torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    H = torch.stack([2 * x[:256].t() @ x[:256] / 256, 2 * x[256:].t() @ x[256:] / 256])
+    scheme = QuantScheme(4, 32, sym=False)
+    both = gptq_quantize(w, H, scheme, "l")
+    halves = [gptq_quantize(w[:32], H[0], scheme, "l"), gptq_quantize(w[32:], H[1], scheme, "l")]
+    torch.testing.assert_close(both.dequantize(), torch.cat([h.dequantize() for h in halves]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_mixed_v_inputs_reproduce_the_attention_output(tiny_model_factory, arch):
+    # GPTQ weighs v_proj's error with these inputs' Hessian, so mixed @ W_v^T must be exactly
+    # what o_proj reads: each query head's attention over v.
+    weights = load_weights(tiny_model_factory(arch))
+    cfg = weights.config
+    t = layer_tensors(weights.tensors, cfg, 0, "cpu")
+    x = torch.randn(2, 9, cfg.hidden_size)
+    cos, sin = rotary_cos_sin(torch.arange(9), rope_inv_freq(cfg), torch.float32)
+    seen = {}
+    layer_forward(cfg, t, x, cos, sin, lambda name, a: seen.setdefault(name, a),
+                  observe_mixed_v=True)
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    w_v = t["self_attn.v_proj.weight"].view(Hkv, D, -1)
+    mixed = seen[MIXED_V].view(Hkv, 2, H // Hkv, 9, -1)  # [Hkv, B, heads per KV head, T, K]
+    out = (mixed @ w_v.transpose(1, 2)[:, None, None]).permute(1, 3, 0, 2, 4)  # [B, T, ...]
+    torch.testing.assert_close(out.reshape(2, 9, H * D), seen["self_attn.o_proj"],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_gptq_act_order_records_groups_and_beats_rtn():
