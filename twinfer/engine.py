@@ -22,7 +22,7 @@ from twinfer.config import EngineConfig
 from twinfer.kv_cache import BlockManager
 from twinfer.kv_cache_memory import determine_num_kv_blocks
 from twinfer.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from twinfer.registry import create_runner
+from twinfer.registry import Runner, create_runner
 from twinfer.sampling import Sampler, SamplerInput, SamplingParams
 from twinfer.scheduler import Scheduler
 from twinfer.sequence import Sequence, SequenceStatus
@@ -51,10 +51,13 @@ class _RequestState:
 class LLMEngine:
     """Owns the scheduler, the runner and the sampler; advances all requests one step at a time."""
 
-    def __init__(self, config: EngineConfig, weights: ModelWeights, tokenizer: Tokenizer):
+    def __init__(self, config: EngineConfig, weights: ModelWeights | None, tokenizer: Tokenizer,
+                 runner: Runner | None = None):
+        """``runner`` replaces the one ``config.engine`` names (``weights`` may then be None):
+        benchmarks of the host-side work use a runner that computes nothing."""
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = create_runner(config, weights)
+        self.runner = runner if runner is not None else create_runner(config, weights)
         num_blocks = determine_num_kv_blocks(config.model, config.cache, config.dtype,
                                              config.device)
         block_size = config.cache.block_size
@@ -208,8 +211,9 @@ class LLMEngine:
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         seq = state.seq
+        finished = seq.is_finished
         finish = None
-        if seq.is_finished:
+        if finished:
             finish = "stop" if state.stop_string is not None else seq.status.value
         stop_reason = state.stop_string
         if finish == "stop" and stop_reason is None and seq.token_ids[-1] in \
@@ -217,13 +221,13 @@ class LLMEngine:
             stop_reason = seq.token_ids[-1]
         want_lp = seq.params.logprobs is not None
         text = state.detokenizer.text
-        if not seq.is_finished and seq.params.stop:
+        if not finished and seq.params.stop:
             # Hold back a tail that could still become a stop string, so streamed text is
             # always a prefix of the final text.
             hold = max(len(s) for s in seq.params.stop) - 1
             text = text[:max(len(text) - hold, 0)]
         completion = CompletionOutput(
-            index=0, text=text, token_ids=list(seq.output_token_ids),
+            index=0, text=text, token_ids=seq.output_token_ids,  # a fresh slice: no copy
             cumulative_logprob=state.cumulative_logprob if want_lp else None,
             logprobs=list(seq.output_logprobs) if want_lp else None,
             finish_reason=finish, stop_reason=stop_reason)
@@ -232,5 +236,5 @@ class LLMEngine:
             prompt_lp = [None] + list(seq.prompt_logprobs)
         return RequestOutput(request_id=seq.request_id, prompt=state.prompt,
                              prompt_token_ids=seq.prompt_token_ids, outputs=[completion],
-                             finished=seq.is_finished, prompt_logprobs=prompt_lp,
+                             finished=finished, prompt_logprobs=prompt_lp,
                              num_cached_tokens=seq.num_cached_tokens)

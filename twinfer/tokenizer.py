@@ -17,6 +17,13 @@ class Tokenizer:
         if hf_tokenizer.eos_token_id is not None:
             ids.add(hf_tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(ids))
+        # The Rust tokenizer decodes in half the time of transformers' wrapper (which converts
+        # the ids and may clean up spaces); the detokenizer calls decode twice per token per
+        # sequence, so the wrapper alone cost ~0.5 ms per step at 100 sequences. Used only
+        # when the wrapper would add nothing.
+        self._backend = (getattr(hf_tokenizer, "backend_tokenizer", None)
+                         if not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False)
+                         else None)
 
     @classmethod
     def load(cls, model_path: str | Path, eos_token_ids: tuple[int, ...] = (),
@@ -54,6 +61,8 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
