@@ -187,8 +187,8 @@ def _error_moment(stats: _InputStats, name: str) -> torch.Tensor:
     weighed with. For v_proj: its inputs as the attention mixes them, per KV head, plus the
     raw inputs. The raw inputs alone nearly ignore the first token (1 row in T), yet most of
     every query's attention lands on it (the attention sink), so GPTQ pushed v's error into
-    that token's directions (SmolLM2-135M: v error on the sink 10-40x RTN's; GPTQ on v alone
-    worse than RTN). The raw term keeps short contexts, whose mixing differs, covered."""
+    that token's directions (SmolLM2-135M: v's error on the sink up to 35x RTN's; GPTQ on v
+    alone worse than RTN). The raw term keeps short contexts, whose mixing differs, covered."""
     raw = stats.second_moment(_INPUT_OF[name])
     if name == "self_attn.v_proj":
         return stats.second_moment(MIXED_V) + raw
