@@ -32,7 +32,7 @@ class FixedLogitsRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch, device_tokens=None) -> torch.Tensor:
         self.steps += 1
         logits = torch.zeros(len(batch.logits_indices), self.vocab_size)
         logits[:, 5 + self.steps * 7 % (self.vocab_size - 10)] = 1.0

@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from engine_fast.model import FastLlama
-from twinfer.batch import AttentionMetadata, ScheduledBatch, build_attention_metadata
+from twinfer.batch import (AttentionMetadata, DeviceTokens, ScheduledBatch,
+                           build_attention_metadata)
 from twinfer.config import EngineConfig
 from twinfer.kv_cache_memory import allocate_kv_caches
 from twinfer.weights import ModelWeights
@@ -62,15 +63,18 @@ class FastRunner:
         return max(1, min(16, -(-2 * self._num_sms // work)))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch,
+                device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Compute the batch; float32 logits [len(batch.logits_indices), vocab]."""
         n = batch.num_seqs
         decode_only = self._decode_kernel_ok and batch.num_tokens == n
         if decode_only and self.graphs and batch.logits_indices == list(range(n)):
             bucket = next((b for b in self.graphs if b >= n), None)
             if bucket is not None:
-                return self._replay(batch, bucket)
+                return self._replay(batch, bucket, device_tokens)
         meta = build_attention_metadata(batch, self.device)
+        if device_tokens is not None:
+            device_tokens.write_into(meta.input_ids)
         hidden = self.model.forward(meta, self.kv_caches, decode_only, self._num_splits(n))
         return self.model.compute_logits(hidden[meta.logits_indices])
 
@@ -90,12 +94,11 @@ class FastRunner:
             "block_tables": torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
             "context_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
         }
-        # Pinned staging buffers: the per-step host->device copies are then truly async.
-        self._host = {"ints": torch.zeros(4, max_bs, dtype=torch.long).pin_memory(),
-                      "block_tables": torch.zeros(max_bs, max_blocks,
-                                                  dtype=torch.int32).pin_memory()}
-        self._host["ints_np"] = self._host["ints"].numpy()
-        self._host["block_tables_np"] = self._host["block_tables"].numpy()
+        # Pinned staging buffers: the per-step host->device copies are then truly async. Two
+        # sets, used in turn: with asynchronous scheduling a step's inputs are staged while the
+        # previous step's copies may still be queued (the host waited only for the one before).
+        self._host = [self._staging_buffers(max_bs, max_blocks) for _ in range(2)]
+        self._num_replays = 0
         pool = None
         for bs in tqdm(sorted(buckets, reverse=True), desc="capturing CUDA graphs"):
             meta = self._static_meta(bs)
@@ -112,6 +115,14 @@ class FastRunner:
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize(dev)
 
+    @staticmethod
+    def _staging_buffers(max_bs: int, max_blocks: int) -> dict[str, torch.Tensor]:
+        host = {"ints": torch.zeros(4, max_bs, dtype=torch.long).pin_memory(),
+                "block_tables": torch.zeros(max_bs, max_blocks, dtype=torch.int32).pin_memory()}
+        host["ints_np"] = host["ints"].numpy()
+        host["block_tables_np"] = host["block_tables"].numpy()
+        return host
+
     def _static_meta(self, bs: int) -> AttentionMetadata:
         s = self._static
         return AttentionMetadata(
@@ -122,8 +133,11 @@ class FastRunner:
             logits_indices=torch.arange(bs, device=self.device),
             query_lens_cpu=[1] * bs, context_lens_cpu=[0] * bs)
 
-    def _replay(self, batch: ScheduledBatch, bucket: int) -> torch.Tensor:
-        n, s, host = batch.num_seqs, self._static, self._host
+    def _replay(self, batch: ScheduledBatch, bucket: int,
+                device_tokens: DeviceTokens | None) -> torch.Tensor:
+        n, s = batch.num_seqs, self._static
+        host = self._host[self._num_replays % 2]
+        self._num_replays += 1
         width = max(len(t) for t in batch.block_tables)
         # Filled through numpy views of the pinned buffers: torch.tensor() on nested lists
         # costs ~80 ns per element, i.e. milliseconds per step for 100 block tables at long
@@ -144,6 +158,8 @@ class FastRunner:
         s["slot_mapping"][:bucket].copy_(ints[2, :bucket], non_blocking=True)
         s["context_lens"][:bucket].copy_(ints[3, :bucket], non_blocking=True)
         s["block_tables"][:n, :width].copy_(host["block_tables"][:n, :width], non_blocking=True)
+        if device_tokens is not None:
+            device_tokens.write_into(s["input_ids"])
         entry = self.graphs[bucket]
         entry.graph.replay()
         return entry.logits[:n]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine_torch.model import LlamaModel
-from twinfer.batch import ScheduledBatch, build_attention_metadata
+from twinfer.batch import DeviceTokens, ScheduledBatch, build_attention_metadata
 from twinfer.config import EngineConfig
 from twinfer.kv_cache_memory import allocate_kv_caches
 from twinfer.weights import ModelWeights
@@ -27,8 +27,11 @@ class TorchRunner:
                                             self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+    def execute(self, batch: ScheduledBatch,
+                device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Compute the batch; float32 logits [len(batch.logits_indices), vocab]."""
         meta = build_attention_metadata(batch, self.device)
+        if device_tokens is not None:
+            device_tokens.write_into(meta.input_ids)
         hidden = self.model.forward(meta, self.kv_caches)
         return self.model.compute_logits(hidden[meta.logits_indices])

@@ -35,6 +35,9 @@ class ScheduledBatch:
     sample_logit_rows: list[int]  # for each of those, its row in the logits
     prompt_logprob_rows: dict[int, list[int]] = field(default_factory=dict)  # seq idx -> rows
     preempted: list[Sequence] = field(default_factory=list)
+    # (token row, seq idx): input tokens the step in flight sampled, so far only on the device
+    # (input_ids holds 0 there); the runner fills them from ``DeviceTokens``.
+    pending_input_rows: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +65,26 @@ class AttentionMetadata:
     logits_indices: torch.Tensor  # [num_logits] int64
     query_lens_cpu: list[int]  # host copies, so the reference loop needs no device sync
     context_lens_cpu: list[int]
+
+
+@dataclass
+class DeviceTokens:
+    """Input tokens that so far exist only on the device: the step in flight sampled them."""
+
+    token_ids: torch.Tensor  # int64 [num sampled] on the runner's device
+    rows: list[int]  # token rows of this batch that take one of them
+    sources: list[int]  # for each row, its index in token_ids
+
+    def write_into(self, input_ids: torch.Tensor) -> None:
+        """input_ids[rows] = token_ids[sources] on the device, without waiting for it."""
+        n = len(self.rows)
+        if self.rows == self.sources == list(range(n)):  # steady decode: same sequences, in order
+            input_ids[:n].copy_(self.token_ids[:n], non_blocking=True)
+            return
+        index = torch.tensor([self.rows, self.sources], dtype=torch.long)
+        if input_ids.is_cuda:  # pinned, so the copy does not wait for the work queued before it
+            index = index.pin_memory().to(input_ids.device, non_blocking=True)
+        input_ids.index_copy_(0, index[0], self.token_ids.index_select(0, index[1]))
 
 
 def build_attention_metadata(batch: ScheduledBatch, device: torch.device | str

@@ -23,6 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per engine step (prefill chunk budget; default 2048)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step n+1 while step n runs on the device (default: on CUDA)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights in MODEL's shapes (a preset such as "
                    "llama-3.1-8b, or a directory's config.json), to measure speed")
@@ -95,7 +97,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
                 num_kv_blocks=args.num_kv_blocks,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching,
-                load_format=args.load_format, quantization=args.quantization)
+                load_format=args.load_format, quantization=args.quantization,
+                async_scheduling=args.async_scheduling)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:

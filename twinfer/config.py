@@ -194,6 +194,8 @@ class EngineConfig:
     engine: str = "torch"  # resolved: "torch" | "fast"
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    # Schedule and launch step n + 1 before waiting for step n's tokens (see twinfer.engine).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ("torch", "fast"):

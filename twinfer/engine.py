@@ -2,9 +2,20 @@
 
     step():  batch = scheduler.schedule()          which tokens of which sequences
              logits = runner.execute(batch)         engine_torch or engine_fast
-             sampled = sampler(logits, ...)         shared
-             scheduler.update(batch, sampled)       append, token stops, free finished
+             sampled = sampler.sample(logits, ...)  shared; ids stay on the device
+             scheduler.advance(batch)               tokens computed, one pending token each
+             ... sampled.resolve()                  ids to the host
+             scheduler.commit(batch, ids)           append, token stops, free finished
              detokenize, stop strings, outputs
+
+Asynchronous scheduling (``EngineConfig.async_scheduling``, on by default on CUDA) overlaps
+the host's work with the device's, as vLLM's and SGLang's schedulers do: step n + 1 is
+scheduled and launched while step n still runs, its decode inputs taken on the device from step
+n's sampled ids, and only then does the host wait for step n's ids and turn them into outputs.
+So ``step`` returns the outputs of the step before the one it launched. The cost: a sequence
+that stopped at step n (EOS, stop string) also ran in step n + 1, whose token is discarded.
+Steps whose sampling reads the token history (penalties) or that return prompt logprobs run
+synchronously.
 
 Input is validated in ``add_request`` before anything is queued, so a bad request raises
 there and never disturbs the requests already in flight.
@@ -17,13 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from twinfer.batch import ScheduledBatch
+from twinfer.batch import DeviceTokens, ScheduledBatch
 from twinfer.config import EngineConfig
 from twinfer.kv_cache import BlockManager
 from twinfer.kv_cache_memory import determine_num_kv_blocks
 from twinfer.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from twinfer.registry import Runner, create_runner
-from twinfer.sampling import Sampler, SamplerInput, SamplingParams
+from twinfer.sampling import SampledTokens, Sampler, SamplerInput, SamplingParams
 from twinfer.scheduler import Scheduler
 from twinfer.sequence import Sequence, SequenceStatus
 from twinfer.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
@@ -46,6 +57,18 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer
     stop_string: str | None = None  # set when a stop string ended the request
     cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _LaunchedStep:
+    """A step on the device whose sampled ids the host has not read yet."""
+
+    batch: ScheduledBatch
+    logits: torch.Tensor
+    sample_seqs: list[Sequence]
+    sampled: SampledTokens
+    sample_index: dict[int, int]  # id(seq) -> its row in sampled.token_ids
+    must_complete: bool  # the next step cannot be scheduled before this one's ids are known
 
 
 class LLMEngine:
@@ -76,6 +99,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._arrivals = itertools.count()
         self.stats = EngineStats()
+        self._in_flight: _LaunchedStep | None = None
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -128,36 +152,63 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; outputs of every request that got a token this step."""
+        """Run one scheduled batch; outputs of every request that got a token. With
+        asynchronous scheduling the batch is only launched, and the outputs are those of the
+        step launched before it."""
+        previous, self._in_flight = self._in_flight, None
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        logits = self.runner.execute(batch)
+        launched = None if batch.is_empty else self._launch(batch, previous)
+        outputs = self._complete(previous) if previous is not None else []
+        if launched is not None:
+            if self.config.async_scheduling and not launched.must_complete:
+                self._in_flight = launched
+            else:
+                outputs += self._complete(launched)
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, previous: _LaunchedStep | None) -> _LaunchedStep:
+        """Queue the batch's forward pass and sampling on the device; nothing waits for it."""
+        device_tokens = None
+        if batch.pending_input_rows:  # decodes of tokens the previous step sampled
+            device_tokens = DeviceTokens(
+                previous.sampled.token_ids, [row for row, _ in batch.pending_input_rows],
+                [previous.sample_index[id(batch.seqs[i])] for _, i in batch.pending_input_rows])
+        logits = self.runner.execute(batch, device_tokens)
         sample_seqs = [batch.seqs[i] for i in batch.sample_seq_indices]
         rows = batch.sample_logit_rows
         sample_logits = logits if rows == list(range(logits.shape[0])) else logits[rows]
         # Token histories are copies (output_token_ids slices): only penalties read them.
         history = any(s.params.uses_penalties for s in sample_seqs)
-        sampled = self.sampler(sample_logits, SamplerInput(
+        sampled = self.sampler.sample(sample_logits, SamplerInput(
             params=[s.params for s in sample_seqs],
             generators=[s.generator for s in sample_seqs],
             prompt_token_ids=[s.prompt_token_ids if history else [] for s in sample_seqs],
             output_token_ids=[s.output_token_ids if history else [] for s in sample_seqs]))
-        self._record_prompt_logprobs(batch, logits)
+        self.scheduler.advance(batch)
         self.stats.num_steps += 1
         self.stats.num_scheduled_tokens += batch.num_tokens
-        self.stats.num_generated_tokens += len(sample_seqs)
-        stop_hits = {}
-        for seq, token, lp in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
-            stop_hits[seq.request_id] = self._detokenize(seq, token, lp)
-        self.scheduler.update(batch, sampled.token_ids)
+        return _LaunchedStep(batch, logits, sample_seqs, sampled,
+                             {id(s): i for i, s in enumerate(sample_seqs)},
+                             must_complete=history or bool(batch.prompt_logprob_rows))
+
+    def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for the step's sampled ids, commit them and build the outputs."""
+        sampled = step.sampled.resolve()
+        self._record_prompt_logprobs(step.batch, step.logits)
+        # A sequence finished meanwhile (aborted, or stopped by its previous token) drops its.
+        live = [(seq, token, lp) for seq, token, lp
+                in zip(step.sample_seqs, sampled.token_ids, sampled.logprobs)
+                if not seq.is_finished]
+        self.stats.num_generated_tokens += len(live)
+        stop_hits = {seq.request_id: self._detokenize(seq, token, lp) for seq, token, lp in live}
+        self.scheduler.commit(step.batch, sampled.token_ids)
         outputs = []
-        for seq in sample_seqs:
+        for seq, _, _ in live:
             if stop_hits[seq.request_id] and not seq.is_finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
             outputs.append(self._make_output(self._requests[seq.request_id]))

@@ -70,7 +70,7 @@ class BlockManager:
     def update_block_hashes(self, seq: Sequence) -> None:
         """Extend ``seq.block_hashes`` over every full block of ``seq.token_ids``."""
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_tokens // bs):
+        for i in range(len(seq.block_hashes), len(seq.token_ids) // bs):  # known tokens only
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(hash_block(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
 

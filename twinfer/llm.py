@@ -38,6 +38,9 @@ class LLM:
             for measuring speed without the checkpoint.
         quantization: RTN-quantize a dense model while loading it (``w4a16``, ``w4a16-g64``,
             ``w8a16``, ``w8a8``; see ``QuantScheme.parse``).
+        async_scheduling: schedule step n + 1 while step n runs on the device (default: on
+            for CUDA, where it hides the host's per-step work; off on CPU, where there is
+            nothing to overlap).
     """
 
     def __init__(self, model: str | Path, engine: str = "auto", dtype: str = "auto",
@@ -46,7 +49,8 @@ class LLM:
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 1 << 30, download_dir: str | Path | None = None,
-                 load_format: str = "auto", quantization: str | None = None):
+                 load_format: str = "auto", quantization: str | None = None,
+                 async_scheduling: bool | None = None):
         home = Path(download_dir) if download_dir else twinfer_home()
         device = resolve_device(device)
         engine = resolve_engine(engine, device)
@@ -78,7 +82,9 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens or max(2048, max_num_seqs),
                 max_model_len=max_len),
-            engine=engine, device=device, dtype=torch_dtype)
+            engine=engine, device=device, dtype=torch_dtype,
+            async_scheduling=(device.startswith("cuda") if async_scheduling is None
+                              else async_scheduling))
         self.model_path = path
         self.engine = LLMEngine(config, weights, tokenizer)
         self.tokenizer = tokenizer

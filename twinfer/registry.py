@@ -1,7 +1,9 @@
 """The one place ``twinfer/`` reaches an engine: EngineConfig.engine names the Runner.
 
 A Runner has two methods: ``allocate_kv_cache(num_blocks)`` and
-``execute(batch: ScheduledBatch) -> float32 logits [len(batch.logits_indices), vocab]``.
+``execute(batch: ScheduledBatch, device_tokens: DeviceTokens | None = None) -> float32 logits
+[len(batch.logits_indices), vocab]``; ``device_tokens`` fills the input rows whose tokens the
+step still in flight sampled (asynchronous scheduling), on the device.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from twinfer.batch import ScheduledBatch
+from twinfer.batch import DeviceTokens, ScheduledBatch
 from twinfer.config import EngineConfig
 from twinfer.weights import ModelWeights
 
@@ -18,7 +20,8 @@ from twinfer.weights import ModelWeights
 class Runner(Protocol):
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor: ...
+    def execute(self, batch: ScheduledBatch,
+                device_tokens: DeviceTokens | None = None) -> torch.Tensor: ...
 
 
 class EngineUnavailableError(RuntimeError):

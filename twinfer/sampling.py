@@ -111,28 +111,59 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[int], list[float]] | None]
 
 
+class SampledTokens:
+    """A step's sampled ids, still on the device: ``token_ids`` can feed the next step's inputs
+    before the host has them. On CUDA the copy to the host starts at once (into pinned memory,
+    behind an event), so ``resolve`` waits for this step only, not for work queued after it."""
+
+    def __init__(self, token_ids: torch.Tensor,
+                 logprobs: list[tuple[float, list[int], list[float]] | None] | None = None):
+        self.token_ids = token_ids
+        self._logprobs = logprobs
+        self._host = token_ids
+        self._event = None
+        if token_ids.is_cuda:
+            self._host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self._host.copy_(token_ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def resolve(self) -> SamplerOutput:
+        """Wait for the ids and return them (with logprobs where rows asked for them)."""
+        if self._event is not None:
+            self._event.synchronize()
+        ids = self._host.tolist()
+        return SamplerOutput(token_ids=ids, logprobs=self._logprobs or [None] * len(ids))
+
+
 class Sampler:
     """Turns logits into tokens according to each row's SamplingParams."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplerInput) -> SamplerOutput:
         """logits: [num_rows, vocab] float32, one row per entry of ``batch``."""
+        return self.sample(logits, batch).resolve()
+
+    def sample(self, logits: torch.Tensor, batch: SamplerInput) -> SampledTokens:
+        """Like ``__call__``, but the ids stay on the device. Nothing here waits for the
+        device unless a row asks for logprobs (those are read back at once)."""
         raw_logprobs = None
         if any(p.logprobs is not None for p in batch.params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if any(p.uses_penalties for p in batch.params):
             logits = apply_penalties(logits.clone(), batch)
-        # Greedy rows in one argmax and one device->host copy; sampled rows one by one, each
-        # with its own generator.
-        token_ids = logits.argmax(dim=-1).tolist()
+        # Greedy rows in one argmax; sampled rows one by one, each with its own generator.
+        token_ids = logits.argmax(dim=-1)
         for i, (params, gen) in enumerate(zip(batch.params, batch.generators)):
             if not params.greedy:
-                token_ids[i] = sample_row(logits[i], params, gen)
-        logprobs: list = [None] * len(token_ids)
-        if raw_logprobs is not None:
-            for i, params in enumerate(batch.params):
-                if params.logprobs is not None:
-                    logprobs[i] = top_logprobs(raw_logprobs[i], token_ids[i], params.logprobs)
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+                token_ids[i] = _draw(logits[i], params, gen)
+        if raw_logprobs is None:
+            return SampledTokens(token_ids)
+        ids = token_ids.tolist()
+        logprobs: list = [None] * len(ids)
+        for i, params in enumerate(batch.params):
+            if params.logprobs is not None:
+                logprobs[i] = top_logprobs(raw_logprobs[i], ids[i], params.logprobs)
+        return SampledTokens(token_ids, logprobs)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplerInput) -> torch.Tensor:
@@ -156,8 +187,14 @@ def apply_penalties(logits: torch.Tensor, batch: SamplerInput) -> torch.Tensor:
 def sample_row(logits: torch.Tensor, params: SamplingParams,
                generator: torch.Generator | None) -> int:
     """Pick one token from a row of logits [vocab]."""
+    return int(_draw(logits, params, generator))
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """``sample_row`` as a 0-d device tensor (no wait for the device)."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
@@ -167,11 +204,11 @@ def sample_row(logits: torch.Tensor, params: SamplingParams,
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)  # a boolean index would sync
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int

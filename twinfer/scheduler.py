@@ -15,6 +15,14 @@ sequences and ``max_num_batched_tokens`` tokens. Guarantees, in this order:
    cached block of its prompt prefix.
 4. Nothing is dropped or truncated: every sequence ends finished (stop, length or abort) with
    its blocks returned.
+
+A step's result reaches the scheduler in two halves, so that the engine can schedule step
+n + 1 while step n still runs on the device (asynchronous scheduling): ``advance`` right after
+a batch is launched (its tokens count as computed; every sampling sequence gets one pending
+token, whose value only the device knows yet), ``commit`` once the sampled ids are on the host
+(pending tokens become real ones, token-level stops finish sequences). ``update`` is both at
+once. A sequence whose pending tokens already reach its length limit is not scheduled again,
+and a preempted sequence is re-admitted only after its pending token is known.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ class Scheduler:
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Mark ``seq`` finished and return its blocks (full ones stay in the prefix cache)."""
         seq.set_status(status)
+        seq.num_pending_tokens = 0  # whatever the device still computes for it is discarded
         self.block_manager.free(seq)
         if seq in self.running:
             self.running.remove(seq)
@@ -75,6 +84,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and self._reaches_length_limit(seq):
+                i += 1  # its last token is still on the device; commit will finish it
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()
@@ -90,6 +102,8 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if seq.num_pending_tokens:  # preempted while its last token was in flight
+                break
             cached = []
             if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
                 cached = self.block_manager.find_cached_prefix(seq)
@@ -127,7 +141,11 @@ class Scheduler:
             end = start + num_new
             row0 = len(batch.input_ids)
             batch.seqs.append(seq)
-            batch.input_ids += seq.token_ids[start:end]
+            known = seq.token_ids[start:end]
+            batch.input_ids += known
+            for row in range(row0 + len(known), row0 + num_new):
+                batch.input_ids.append(0)  # a pending token: the runner takes it on the device
+                batch.pending_input_rows.append((row, idx))
             batch.positions += range(start, end)
             batch.query_lens.append(num_new)
             batch.context_lens.append(end)
@@ -151,18 +169,34 @@ class Scheduler:
         return batch
 
     def update(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
-        """Advance computed counts, append sampled tokens (one per ``sample_seq_indices``
-        entry), publish full blocks to the prefix cache and finish sequences that hit a
-        token-level stop. Returns the sequences that received a token."""
+        """``advance`` then ``commit``: the step's result when it is known at once."""
+        self.advance(batch)
+        return self.commit(batch, sampled)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch is launched: its tokens count as computed, and every sequence that samples
+        holds one pending token until ``commit``."""
         for seq, num_new in zip(batch.seqs, batch.query_lens):
             seq.num_computed_tokens += num_new
+        for idx in batch.sample_seq_indices:
+            batch.seqs[idx].num_pending_tokens += 1
+
+    def commit(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
+        """The batch's sampled tokens (one per ``sample_seq_indices`` entry) are known: append
+        them, publish full computed blocks to the prefix cache and finish sequences that hit a
+        token-level stop. Sequences finished meanwhile (aborted, or stopped by an earlier
+        step's token) drop theirs. Returns the sequences that received a token."""
         got_token = []
         for idx, token in zip(batch.sample_seq_indices, sampled, strict=True):
             seq = batch.seqs[idx]
+            if seq.is_finished:
+                continue
+            seq.num_pending_tokens -= 1
             seq.token_ids.append(token)
             got_token.append(seq)
         for seq in batch.seqs:
-            self.block_manager.cache_computed_blocks(seq)
+            if not seq.is_finished:
+                self.block_manager.cache_computed_blocks(seq)
         for seq in got_token:
             status = self._token_stop_status(seq)
             if status is not None:
@@ -175,7 +209,12 @@ class Scheduler:
             return SequenceStatus.FINISHED_STOPPED
         if not params.ignore_eos and last in self.eos_token_ids:
             return SequenceStatus.FINISHED_STOPPED
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= \
+        if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= \
                 self.config.max_model_len:
             return SequenceStatus.FINISHED_LENGTH
         return None
+
+    def _reaches_length_limit(self, seq: Sequence) -> bool:
+        """Whether the tokens known and pending already end ``seq`` by length."""
+        return (seq.num_output_tokens + seq.num_pending_tokens >= seq.params.max_tokens
+                or seq.num_tokens >= self.config.max_model_len)

@@ -41,7 +41,11 @@ _ALLOWED = {
 @dataclass(eq=False)
 class Sequence:
     """A request in flight. ``token_ids`` is prompt + output; the first ``num_computed_tokens``
-    of them have K/V in the cache blocks listed by ``block_table``."""
+    of them have K/V in the cache blocks listed by ``block_table``.
+
+    With asynchronous scheduling a sampled token can exist only on the device for one step:
+    ``num_pending_tokens`` counts such tokens after ``token_ids`` (they are scheduled and
+    computed like any other, and appended when the step that sampled them completes)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -55,6 +59,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of full blocks
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
+    num_pending_tokens: int = 0
     generator: torch.Generator | None = None
     prompt_logprobs: list = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)
@@ -69,7 +74,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens plus those still pending on the device."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
