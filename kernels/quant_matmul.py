@@ -185,7 +185,9 @@ def _gemv_kernel(
     cols = tl.arange(0, WORDS)
     w_ptrs = qw_ptr + (offs_n % N)[:, None] * stride_qn + cols[None, :]
     k_lo = split * k_per_split
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    # Accumulates [BN, WORDS] partial sums and reduces across WORDS once, after the loop: a
+    # reduction per K tile costs cross-lane shuffles every iteration.
+    acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
     words_next = tl.load(w_ptrs + k_lo // PER_WORD)  # [BN, WORDS] int32
     for kw in range(k_lo // PER_WORD, kw_end, WORDS):
@@ -203,7 +205,8 @@ def _gemv_kernel(
         for t in tl.static_range(IN_PLACE, PER_WORD):  # codes above bit 23: shift down first
             part = _add_code_products(part, words >> 16, z, x_ptrs + t, magic, BITS,
                                       BITS * t - 16)
-        acc += tl.sum(part, axis=1) * s
+        acc2 += part * s[:, None]
+    acc = tl.sum(acc2, axis=1)
     out_ptr += split * stride_os + row * stride_om
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)

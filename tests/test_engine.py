@@ -30,8 +30,9 @@ def peaked_model(tiny_model_factory):
 def test_preempted_batch_matches_each_request_alone(peaked_model, engine):
     rng = random.Random(0)
     requests = [(rand_tokens(rng, rng.randint(1, 60)), rng.randint(1, 40)) for _ in range(64)]
+    # float32 everywhere (also on CUDA, where "auto" is fp16): the near-tie bound is fp32's.
     small = LLM(peaked_model, engine=engine, num_kv_blocks=16, max_model_len=128,
-                max_num_seqs=64, enable_prefix_caching=False)
+                max_num_seqs=64, enable_prefix_caching=False, dtype="float32")
     batched = small.generate([p for p, _ in requests],
                              [SamplingParams(max_tokens=n, **GREEDY) for _, n in requests])
     assert small.engine.scheduler.num_preemptions > 0, "cache was not small enough to preempt"
@@ -41,7 +42,7 @@ def test_preempted_batch_matches_each_request_alone(peaked_model, engine):
     # The oracle is engine_torch, one request at a time (for engine="fast" this also checks
     # fast-under-preemption against the reference, and keeps the interpreter's share small).
     alone_llm = LLM(peaked_model, engine="torch", num_kv_blocks=64, max_model_len=128,
-                    enable_prefix_caching=False)
+                    enable_prefix_caching=False, dtype="float32")
     for (prompt, n), out in zip(requests, batched):
         params = SamplingParams(max_tokens=n, logprobs=2, **GREEDY)
         alone = alone_llm.generate([prompt], params)[0].outputs[0]

@@ -152,7 +152,9 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
+        # A step still in flight holds only sequences the scheduler also holds, unless they
+        # all finished meanwhile (then its tokens are dropped by the next step, unread).
+        return self.scheduler.num_unfinished > 0
 
     # -- the step ---------------------------------------------------------------------------
 
