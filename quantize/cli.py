@@ -25,6 +25,16 @@ def register(sub) -> None:
                         "4-bit, -1 for 8-bit)")
     p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: desc_act column order")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ: dampening added to the Hessian diagonal, a fraction of its mean")
+    p.add_argument("--mse", action="store_true",
+                   help="GPTQ: search each group's range (shrink grid, error norm 2.4) "
+                        "instead of taking its min / max")
+    p.add_argument("--awq-scales", action="store_true",
+                   help="GPTQ: first search and fold AWQ's activation-aware input scales")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
+                        "through the already quantized ones")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--calib", default="default",
                    help="'default' (Python's bundled docs), a .txt/.jsonl/.parquet file, or a "
@@ -48,7 +58,9 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
     return QuantizeOptions(method=args.method, scheme=scheme, calib=args.calib,
                            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            seed=args.seed, device=resolve_device(args.device),
-                           act_order=args.act_order, alpha=args.alpha)
+                           act_order=args.act_order, damp=args.damp, mse=args.mse,
+                           awq_scales=args.awq_scales, true_sequential=args.true_sequential,
+                           alpha=args.alpha)
 
 
 def quantize_checkpoint(model: str, out_dir: str | Path, options: QuantizeOptions,

@@ -9,6 +9,10 @@ group, as GPTQ checkpoints with ``desc_act`` do.
 A weight's output rows may come in R blocks that each see different inputs (v_proj's rows per
 KV head: each is read through its own heads' attention), so H may be [R, K, K], one Hessian
 per block of N / R consecutive rows; the algorithm is the same, batched over blocks.
+
+With ``mse`` each group's range is searched rather than taken from its min / max
+(``mse_qparams``, the reference GPTQ Quantizer's ``mse=True``): one large weight no longer
+stretches the grid for the other 63 of its group.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ class HessianAccumulator:
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, layer: str,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  order_by: torch.Tensor | None = None) -> QuantizedWeight:
+                  order_by: torch.Tensor | None = None, mse: bool = False) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` [N, K] given its input Hessian ``H``: [K, K] shared by every
     row, or [R, K, K], one per block of N / R consecutive rows (see the module docstring).
 
     ``order_by`` [K]: what act-order sorts by (default diag(H)); linears fused at load time
-    (q/k/v, gate/up) must pass the same one so that their g_idx agree."""
+    (q/k/v, gate/up) must pass the same one so that their g_idx agree; ``mse``: search each
+    group's range (``mse_qparams``) instead of using its min / max."""
     N, K = weight.shape
     H = H.clone().float().reshape(-1, K, K)  # [R, K, K]
     R = H.shape[0]
@@ -66,7 +71,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, la
         diag = H.diagonal(dim1=-2, dim2=-1)
     diag += damp * diag.mean(-1, keepdim=True)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    codes, scales, zeros = _quantize_columns(W, Hinv, scheme, gs, block_size)
+    codes, scales, zeros = _quantize_columns(W, Hinv, scheme, gs, block_size, mse)
     codes, scales, zeros = codes.reshape(N, K), scales.reshape(N, -1), zeros.reshape(N, -1)
 
     g_idx = None
@@ -79,17 +84,39 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, la
                            group_size=gs, act_bits=scheme.act_bits, g_idx=g_idx)
 
 
+def mse_qparams(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
+                norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros [..., 1] for groups w [..., gs]: of the ranges p * [min, max] for p
+    from 1 down to 1 - max_shrink in steps of 1 / grid, the one with the lowest
+    sum |w - dequant(quant(w))|^norm per group (the reference GPTQ Quantizer's ``mse=True``
+    and its defaults). p = 1 is plain min / max, so the error is never above its error."""
+    w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    p = 1 - torch.arange(int(max_shrink * grid), device=w.device) / grid  # [P], p[0] = 1
+    p = p.view(-1, *[1] * w.dim())  # [P, 1, ..., 1]
+    scale, zero = compute_qparams(p * w_min, p * w_max, bits, sym)  # [P, ..., 1]
+    dq = (quantize_codes(w, scale, zero, bits) - zero) * scale  # [P, ..., gs]
+    err = (dq - w).abs_().pow_(norm).sum(-1, keepdim=True)  # [P, ..., 1]
+    best = err.argmin(0, keepdim=True)  # the first minimum: ties keep the wider range
+    return scale.gather(0, best)[0], zero.gather(0, best)[0]
+
+
 def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, scheme: QuantScheme, gs: int,
-                      block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      block_size: int, mse: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ column loop over W [R, M, K] (updated in place) with upper Cholesky factors
     of the inverse Hessians Hinv [R, K, K]: codes [R, M, K], scales and zeros [R, M, G]."""
+    def qparams(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # g [R, M, gs]
+        if mse:
+            return mse_qparams(g, scheme.bits, scheme.sym)
+        return compute_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True),
+                               scheme.bits, scheme.sym)
+
     R, M, K = W.shape
     codes = torch.zeros_like(W)
     scales = torch.zeros(R, M, K // gs, device=W.device)
     zeros = torch.zeros_like(scales)
     if gs == K:  # per channel: one range for the whole row, fixed before any update
-        scale, zero = compute_qparams(W.amin(-1, keepdim=True), W.amax(-1, keepdim=True),
-                                      scheme.bits, scheme.sym)
+        scale, zero = qparams(W)
     for b0 in range(0, K, block_size):
         b1 = min(b0 + block_size, K)
         W1, Hinv1 = W[..., b0:b1].clone(), Hinv[:, b0:b1, b0:b1]
@@ -100,8 +127,7 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, scheme: QuantScheme, 
                 # The group's range from its current (already error-updated) values.
                 g = (W1[..., i:i + gs] if i + gs <= b1 - b0
                      else torch.cat([W1[..., i:], W[..., b1:col + gs]], -1))
-                scale, zero = compute_qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True),
-                                              scheme.bits, scheme.sym)
+                scale, zero = qparams(g)
                 scales[..., col // gs], zeros[..., col // gs] = scale[..., 0], zero[..., 0]
             w = W1[..., i:i + 1]  # [R, M, 1]
             q = quantize_codes(w, scale, zero, scheme.bits)

@@ -11,6 +11,7 @@ against the errors of earlier ones, as GPTQ and AWQ do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +19,14 @@ from tqdm.auto import tqdm
 from engine_torch.layers import rope_inv_freq, rotary_cos_sin
 from quantize import awq
 from quantize.calibration import calibration_windows
-from quantize.decoder_layer import LINEARS, MIXED_V, layer_forward, layer_tensors
+from quantize.decoder_layer import (
+    ATTN_IN,
+    LINEARS,
+    MIXED_V,
+    MLP_IN,
+    layer_forward,
+    layer_tensors,
+)
 from quantize.gptq import HessianAccumulator, gptq_quantize
 from quantize.smoothing import fold_scales, scale_groups, smoothquant_scales
 from twinfer.quant import QuantizedWeight, QuantScheme, quantize_rtn
@@ -30,6 +38,8 @@ _INPUT_OF = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_a
              "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
              "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
              "mlp.down_proj": "mlp.down_proj"}
+# GPTQ's true-sequential order: each stage is quantized on inputs through the ones before.
+_STAGES = (ATTN_IN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,9 @@ class QuantizeOptions:
     device: str = "cpu"
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
+    mse: bool = False  # GPTQ: search each group's range instead of taking its min / max
+    awq_scales: bool = False  # GPTQ: fold AWQ's searched input scales in first
+    true_sequential: bool = False  # GPTQ: re-collect inputs after each stage (_STAGES)
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -56,6 +69,9 @@ class QuantizeOptions:
             raise ValueError("smoothquant produces W8A8: use --wbits 8 --abits 8")
         if self.scheme.act_bits == 8 and self.method != "smoothquant":
             raise ValueError("8-bit activations come from --method smoothquant")
+        if (self.mse or self.awq_scales or self.true_sequential) and self.method != "gptq":
+            raise ValueError("--mse, --awq-scales and --true-sequential are options of "
+                             "--method gptq")
 
 
 @dataclass
@@ -92,7 +108,7 @@ class _InputStats:
             m = x.abs().amax(0)
             self.abs_max[name] = torch.maximum(self.abs_max[name], m) if name in self.abs_max \
                 else m
-        elif self.method == "awq":
+        elif self.method in ("awq", "gptq"):  # GPTQ needs it only with awq_scales; it is cheap
             s = x.abs().sum(0)
             self.abs_sum[name] = self.abs_sum[name] + s if name in self.abs_sum else s
         if name == "self_attn.q_proj":
@@ -144,10 +160,8 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
             q = {n: quantize_rtn(t[n + ".weight"], options.scheme, f"model.layers.{i}.{n}")
                  for n in LINEARS}
         else:
-            stats = _InputStats(options.method, device)
-            _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe,
-                     observe_mixed_v=options.method in ("gptq", "awq"))
-            q = _METHODS[options.method](cfg, t, stats, options, f"model.layers.{i}")
+            collect = partial(_collect_stats, cfg, t, x, cos, sin, options)
+            q = _METHODS[options.method](cfg, t, collect, options, f"model.layers.{i}")
             for name, qw in q.items():
                 t[name + ".weight"] = qw.dequantize()
             x = _forward(cfg, t, x, cos, sin, options.batch_size, None,
@@ -160,6 +174,14 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
     return QuantizedModel(weights, options, linears, dense)
 
 
+def _collect_stats(cfg, t, x, cos, sin, options: QuantizeOptions) -> _InputStats:
+    """One forward pass of the windows' hidden states x through layer t as it is now."""
+    stats = _InputStats(options.method, x.device)
+    _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe,
+             observe_mixed_v=options.method in ("gptq", "awq"))
+    return stats
+
+
 @torch.no_grad()
 def _forward(cfg, t, x, cos, sin, batch_size, observe, act_int8=False,
              observe_mixed_v=False) -> torch.Tensor:
@@ -169,17 +191,29 @@ def _forward(cfg, t, x, cos, sin, batch_size, observe, act_int8=False,
     return torch.cat(out)
 
 
-def _gptq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
+def _gptq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     # GPTQ is blind to H's scale (damping is relative), so the second moment serves as H.
-    # Act-order sorts by one key per shared input (for q/k/v: v's error moment, the widest),
-    # so that linears fused at load time get one g_idx.
-    order = {key: _error_moment(stats, "self_attn.v_proj" if key == "self_attn.q_proj" else key)
-             .reshape(-1, *stats.second_moment(key).shape).diagonal(dim1=-2, dim2=-1).sum(0)
-             for key in set(_INPUT_OF.values())}
-    return {n: gptq_quantize(t[n + ".weight"], _error_moment(stats, n), options.scheme,
-                             f"{prefix}.{n}", options.act_order, options.damp,
-                             order_by=order[_INPUT_OF[n]])
-            for n in LINEARS}
+    stats = collect()
+    C = {n: _error_moment(stats, n) for n in LINEARS}
+    if options.awq_scales:
+        _fold_awq_scales(cfg, t, stats, options.scheme, C)
+    q: dict[str, QuantizedWeight] = {}
+    for stage in _STAGES if options.true_sequential else (LINEARS,):
+        if q:  # true-sequential: this stage's inputs come through the quantized earlier ones
+            for n, qw in q.items():
+                t[n + ".weight"] = qw.dequantize()
+            stats = collect()
+            C = {n: _error_moment(stats, n) for n in stage}
+        # Act-order sorts by one key per shared input (for q/k/v: v's error moment, the
+        # widest), so that linears fused at load time get one g_idx.
+        order = {n: C["self_attn.v_proj" if n in ATTN_IN else n] for n in stage}
+        order = {n: c.reshape(-1, *c.shape[-2:]).diagonal(dim1=-2, dim2=-1).sum(0)
+                 for n, c in order.items()}
+        q.update({n: gptq_quantize(t[n + ".weight"], C[n], options.scheme, f"{prefix}.{n}",
+                                   options.act_order, options.damp, order_by=order[n],
+                                   mse=options.mse)
+                  for n in stage})
+    return q
 
 
 def _error_moment(stats: _InputStats, name: str) -> torch.Tensor:
@@ -195,7 +229,8 @@ def _error_moment(stats: _InputStats, name: str) -> torch.Tensor:
     return raw
 
 
-def _smoothquant(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
+def _smoothquant(cfg, t, collect, options: QuantizeOptions, prefix: str):
+    stats = collect()
     for group in scale_groups(cfg):
         absmax = stats.abs_max[_INPUT_OF[group.linears[0]]]
         s = smoothquant_scales(absmax, [t[n + ".weight"] for n in group.linears], options.alpha)
@@ -203,16 +238,11 @@ def _smoothquant(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: s
     return {n: quantize_rtn(t[n + ".weight"], options.scheme, f"{prefix}.{n}") for n in LINEARS}
 
 
-def _awq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
+def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
+    stats = collect()
     # Each linear's error moment (see _error_moment), rescaled as scales fold into its input.
     C = {n: _error_moment(stats, n) for n in LINEARS}
-    for group in scale_groups(cfg):
-        s = awq.search_scale([C[n] for n in group.linears],
-                             stats.mean_abs(_INPUT_OF[group.linears[0]]),
-                             [t[n + ".weight"] for n in group.linears], options.scheme)
-        fold_scales(t, group, s)
-        for n in group.linears:
-            C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s
+    _fold_awq_scales(cfg, t, stats, options.scheme, C)
     q = {}
     for n in LINEARS:
         w = t[n + ".weight"]
@@ -220,6 +250,19 @@ def _awq(cfg, t, stats: _InputStats, options: QuantizeOptions, prefix: str):
             w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}"))
         q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
     return q
+
+
+def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
+                     C: dict[str, torch.Tensor]) -> None:
+    """AWQ's scale search for each group of linears sharing an input; folds the scales into
+    the layer ``t`` and rescales each linear's error moment in ``C`` (both in place)."""
+    for group in scale_groups(cfg):
+        s = awq.search_scale([C[n] for n in group.linears],
+                             stats.mean_abs(_INPUT_OF[group.linears[0]]),
+                             [t[n + ".weight"] for n in group.linears], scheme)
+        fold_scales(t, group, s)
+        for n in group.linears:
+            C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s
 
 
 _METHODS = {"gptq": _gptq, "smoothquant": _smoothquant, "awq": _awq}

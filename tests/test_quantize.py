@@ -18,11 +18,11 @@ from quantize.awq import apply_clip, search_clip, search_scale
 from quantize.calibration import CalibrationError, calibration_windows, load_calibration_texts
 from quantize.cli import quantize_checkpoint
 from quantize.decoder_layer import MIXED_V, layer_forward, layer_tensors
-from quantize.gptq import HessianAccumulator, gptq_quantize
+from quantize.gptq import HessianAccumulator, gptq_quantize, mse_qparams
 from quantize.pipeline import QuantizeOptions
 from quantize.smoothing import fold_scales, scale_groups
 from twinfer.cli import main as cli_main
-from twinfer.quant import QuantScheme, fake_quantize
+from twinfer.quant import QuantScheme, compute_qparams, fake_quantize, quantize_codes
 from twinfer.tokenizer import Tokenizer
 from twinfer.weights import load_weights
 
@@ -106,6 +106,31 @@ def test_gptq_act_order_records_groups_and_beats_rtn():
     scheme = QuantScheme(4, 32, sym=True)
     qw = gptq_quantize(w, acc.H, scheme, "l", act_order=True)
     assert qw.g_idx is not None and sorted(torch.bincount(qw.g_idx).tolist()) == [32] * 4
+    assert output_error(x, w, qw.dequantize()) < output_error(x, w, fake_quantize(w, scheme))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_mse_group_range_is_never_worse_than_min_max(sym):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 64, 64, generator=g)
+    w[:, :, 7] *= 6  # an outlier per group stretches the min / max range
+    w[0, 0] = 0  # an all-zero group must survive the search
+
+    def group_error(scale, zero):
+        return ((quantize_codes(w, scale, zero, 4) - zero) * scale - w).abs().pow(2.4).sum(-1)
+
+    mse = group_error(*mse_qparams(w, 4, sym))
+    min_max = group_error(*compute_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True),
+                                           4, sym))
+    assert (mse <= min_max + 1e-6).all() and mse.sum() < min_max.sum()
+
+
+def test_gptq_with_mse_ranges_beats_rtn():
+    x, w = correlated_inputs(), torch.randn(64, 128, generator=torch.Generator().manual_seed(6))
+    acc = HessianAccumulator(128, "cpu")
+    acc.add(x)
+    scheme = QuantScheme(4, 32, sym=False)
+    qw = gptq_quantize(w, acc.H, scheme, "l", act_order=True, mse=True)
     assert output_error(x, w, qw.dequantize()) < output_error(x, w, fake_quantize(w, scheme))
 
 
@@ -206,6 +231,7 @@ CASES = {
     "rtn-w4-g32-asym": ("rtn", QuantScheme(4, 32, False)),
     "rtn-w8-channel": ("rtn", QuantScheme(8, -1, True)),
     "gptq-w4-g32-sym-actorder": ("gptq", QuantScheme(4, 32, True)),
+    "gptq-w4-g32-actorder-mse-awqscales-trueseq": ("gptq", QuantScheme(4, 32, False)),
     "awq-w4-g32": ("awq", QuantScheme(4, 32, False)),
     "smoothquant-w8a8": ("smoothquant", QuantScheme(8, -1, True, act_bits=8)),
 }
@@ -221,7 +247,9 @@ def quantized_tiny(tiny_model_factory, calib_file, tmp_path_factory):
             method, scheme = CASES[case]
             out = tmp_path_factory.mktemp(case) / "q"
             options = QuantizeOptions(method, scheme, calib=str(calib_file), calib_samples=8,
-                                      calib_seqlen=64, act_order="actorder" in case)
+                                      calib_seqlen=64, act_order="actorder" in case,
+                                      mse="mse" in case, awq_scales="awqscales" in case,
+                                      true_sequential="trueseq" in case)
             quantize_checkpoint(str(tiny_model_factory("llama")), out, options, progress=False)
             cache[case] = out
         return cache[case]

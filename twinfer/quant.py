@@ -155,7 +155,9 @@ def compute_qparams(w_min: torch.Tensor, w_max: torch.Tensor, bits: int, sym: bo
         w_max = torch.clamp(w_max, min=0)
         scale = (w_max - w_min) / qmax
         zero = None
-    scale = scale.clamp(min=1e-8).half().float()  # an all-zero group gets a tiny scale
+    # An all-zero group gets a tiny scale: fp16's smallest subnormal, since a smaller one
+    # would round to 0 in fp16 and make its codes 0 / 0.
+    scale = scale.clamp(min=2 ** -24).half().float()
     if zero is None:
         zero = torch.round(-w_min / scale).clamp(0, qmax)
     return scale, zero
