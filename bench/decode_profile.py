@@ -1,0 +1,77 @@
+"""Where a decode step's GPU time goes, kernel by kernel (CUDA only).
+
+    python -m bench.decode_profile [--batch 1] [--context 1024] [--layers 32] [--steps 20]
+
+Llama-3.1-8B shapes with random weights, one decode step of ``--batch`` sequences at
+``--context``, replayed from the CUDA graph FastRunner captured. torch.profiler (CUPTI) records
+the kernels inside the replays; the table lists each kernel's device time per step and its
+share, and the last line compares their sum with the replay's wall time per step: the
+difference is the time between kernels (launch gaps and pipeline drain), which fusing kernels
+removes and a faster kernel does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+from bench.fast_roofline import decode_batch, llama31_8b_config
+from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from twinfer.dummy import dummy_weights
+
+
+def main(argv: list[str] | None = None) -> None:
+    from engine_fast.runner import FastRunner
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quantization", default=None, help="e.g. w4a16-g128-sym")
+    args = ap.parse_args(argv)
+    bs = 16
+    weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
+    if args.quantization:
+        from twinfer.online_quant import quantize_weights_rtn
+        from twinfer.quant import QuantScheme
+        weights = quantize_weights_rtn(weights, QuantScheme.parse(args.quantization))
+    blocks = args.batch * -(-args.context // bs) + 1
+    config = EngineConfig(model=weights.config,
+                          cache=CacheConfig(block_size=bs, num_kv_blocks=blocks),
+                          scheduler=SchedulerConfig(max_num_seqs=args.batch,
+                                                    max_model_len=args.context),
+                          engine="fast", device="cuda", dtype=torch.float16)
+    runner = FastRunner(config, weights)
+    del weights
+    runner.allocate_kv_cache(blocks)
+    batch = decode_batch(args.batch, args.context, bs)
+    wall_ms = triton.testing.do_bench(lambda: runner.execute(batch), warmup=10, rep=100)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            runner.execute(batch)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in event.name:
+            entry = per_kernel[event.name]
+            entry[0] += event.device_time_total / args.steps
+            entry[1] += 1 / args.steps
+    total_us = sum(us for us, _ in per_kernel.values())
+    print(f"device: {torch.cuda.get_device_name()}  batch {args.batch}  context {args.context}"
+          f"  layers {args.layers}  quantization {args.quantization or 'none (fp16)'}")
+    print("| kernel | launches per step | us per step | share |")
+    print("|---|---:|---:|---:|")
+    for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:20]:
+        print(f"| {name[:70]} | {calls:.0f} | {us:.0f} | {us / total_us:.1%} |")
+    print(f"kernels {total_us / 1e3:.3f} ms per step; replay wall {wall_ms:.3f} ms per step; "
+          f"between kernels {wall_ms - total_us / 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
