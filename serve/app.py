@@ -26,7 +26,7 @@ from serve.protocol import (
     error_response,
     parse_request,
 )
-from serve.routes_generate import register_generate_routes
+from serve.routes_generate import ClientDisconnected, register_generate_routes
 from twinfer.engine import LLMEngine
 
 log = logging.getLogger("twinfer.serve")
@@ -65,6 +65,11 @@ def _register_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def queue_full(request: Request, exc: QueueFullError):
         state.metrics.record_status("503")
         return error_response(503, str(exc), "server_overloaded")
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, exc: ClientDisconnected):
+        state.metrics.record_status("499")  # nginx's "client closed request": nobody reads it
+        return error_response(499, "client disconnected", "client_disconnected")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -6,9 +6,10 @@ seed, seed + 1, ... Outputs from the engine are cumulative; the stream sends the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -118,6 +119,33 @@ async def _run_all(state: ServerState, jobs: list[Job]) -> None:
         if isinstance(item, Exception):
             raise _as_api_error(item)
         jobs[i].final = item
+
+
+# How often a non-streaming request checks that its client is still connected.
+_DISCONNECT_POLL_S = 0.25
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its non-streaming response was ready."""
+
+
+async def _run_while_connected(request: Request, state: ServerState, jobs: list[Job]) -> None:
+    """``_run_all``, aborting the jobs (and so freeing their KV blocks) when the client
+    disconnects: a streaming request notices on its next write, a non-streaming one would
+    otherwise run to max_tokens for nobody."""
+    task = asyncio.ensure_future(_run_all(state, jobs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()  # closes the engine streams, which abort their requests
+            with suppress(asyncio.CancelledError):
+                await task
 
 
 def _as_api_error(e: Exception) -> APIError:
@@ -244,7 +272,7 @@ async def create_completion(request: Request, state: ServerState):
     def decoder(token_id: int) -> str:
         return state.tokenizer.decode([token_id], skip_special_tokens=False)
     if not req.stream:
-        await _run_all(state, jobs)
+        await _run_while_connected(request, state, jobs)
         choices = []
         for job in jobs:
             text, lp = _completion_choice_text_and_logprobs(job, req, decoder)
@@ -316,7 +344,7 @@ async def create_chat_completion(request: Request, state: ServerState):
     top_n = req.top_logprobs or 0
 
     if not req.stream:
-        await _run_all(state, jobs)
+        await _run_while_connected(request, state, jobs)
         choices = []
         for job in jobs:
             comp = job.final.outputs[0]

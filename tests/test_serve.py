@@ -209,6 +209,24 @@ def test_disconnected_stream_is_aborted_and_frees_its_blocks(server):
     assert kv_blocks_in_use(url) == 0
 
 
+def test_disconnected_non_streaming_request_is_aborted_and_frees_its_blocks(server):
+    url, state = server
+    engine = state.engine.engine
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 800,
+            "ignore_eos": True}
+    generated_before = engine.stats.num_generated_tokens
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(url + "/v1/completions", json=body, timeout=1.5)
+    deadline = time.time() + 10
+    while engine.block_manager.num_used_blocks and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.block_manager.num_used_blocks == 0
+    assert not engine.has_unfinished_requests()
+    # Noticed within one poll interval (0.25 s): far fewer than the 800 tokens it asked for.
+    assert 0 < engine.stats.num_generated_tokens - generated_before < 400
+    assert kv_blocks_in_use(url) == 0
+
+
 def test_api_key_is_required_when_set(smollm2_llm):
     with running_server(smollm2_llm.engine, MODEL, api_key="s3cret") as (url, _):
         assert httpx.get(url + "/health").status_code == 200
