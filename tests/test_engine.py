@@ -133,3 +133,14 @@ def test_abort_frees_blocks_of_a_running_request(tiny_model_factory, engine):
     assert eng.abort_request("a")
     assert eng.block_manager.num_used_blocks == 0
     assert not eng.has_unfinished_requests()
+
+
+def test_generate_reports_text_prompts_and_encodes_them_once(tiny_model_factory, monkeypatch):
+    llm = LLM(tiny_model_factory("llama"), engine="torch", num_kv_blocks=64, max_model_len=256)
+    calls = []
+    encode = llm.tokenizer.encode
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda text: calls.append(text) or encode(text))
+    outs = llm.generate(["w5 w6 w7", [5, 6, 7]], SamplingParams(max_tokens=2, **GREEDY))
+    assert [o.prompt for o in outs] == ["w5 w6 w7", None]
+    assert outs[0].prompt_token_ids == [5, 6, 7] == outs[1].prompt_token_ids
+    assert calls == ["w5 w6 w7"]

@@ -104,12 +104,15 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> Sequence:
-        """Queue a request; raises ValueError (naming the problem) and queues nothing if bad."""
+                    params: SamplingParams | None = None,
+                    prompt_text: str | None = None) -> Sequence:
+        """Queue a request; raises ValueError (naming the problem) and queues nothing if bad.
+        ``prompt_text``: the text that token-id ``prompt`` came from, reported back in the
+        outputs (a text prompt reports itself)."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text = prompt if isinstance(prompt, str) else None
+        prompt_text = prompt if isinstance(prompt, str) else prompt_text
         token_ids = self.encode_prompt(prompt)
         max_len = self.config.scheduler.max_model_len
         if len(token_ids) >= max_len:

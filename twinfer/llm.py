@@ -104,13 +104,13 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        for p in prompts:  # fail before queueing anything
-            self.engine.encode_prompt(p)
+        encoded = [self.engine.encode_prompt(p) for p in prompts]  # fail before queueing
         ids = []
         try:
-            for p, sp in zip(prompts, params):
+            for p, token_ids, sp in zip(prompts, encoded, params):
                 ids.append(f"gen-{next(self._ids)}")
-                self.engine.add_request(ids[-1], p, sp)
+                self.engine.add_request(ids[-1], token_ids, sp,
+                                        prompt_text=p if isinstance(p, str) else None)
             finished = self._run(set(ids), use_tqdm)
         except BaseException:
             for rid in ids:
