@@ -119,7 +119,9 @@ def measure(engine, prompts: list[list[int]], output_len: int) -> dict:
         engine.add_request(rid, p, params)
     while engine.has_unfinished_requests():
         step_start = time.perf_counter()
-        outputs = engine.step()  # returns after sampling: the tokens are on the host
+        # Returns once a step's tokens are on the host (with async scheduling, the previous
+        # step's, after launching the next): in steady state one call per step period.
+        outputs = engine.step()
         now = time.perf_counter()
         if prefill_s is not None:
             decode_steps.append(now - step_start)
