@@ -6,7 +6,14 @@ import math
 
 import torch
 
-from twinfer.sampling import Sampler, SamplerInput, SamplingParams, apply_penalties, sample_row
+from twinfer.sampling import (
+    Sampler,
+    SamplerInput,
+    SamplingParams,
+    apply_penalties,
+    draw_rows,
+    sample_row,
+)
 
 
 def draw_many(logits, params, n=400, seed=0):
@@ -77,3 +84,40 @@ def test_logprobs_are_the_raw_distribution_with_top_n():
     assert ids == [2, 1]
     assert math.isclose(values[0], float(expected[2]), abs_tol=1e-6)
     assert math.isclose(token_lp, float(expected[out.token_ids[0]]), abs_tol=1e-6)
+
+
+def test_batched_rows_keep_each_rows_own_filters():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.75), SamplingParams(min_p=0.4),
+              SamplingParams(temperature=0.5, top_k=3, top_p=0.95), SamplingParams()]
+    torch.manual_seed(0)
+    seen = [set() for _ in params]
+    for _ in range(300):
+        for i, t in enumerate(draw_rows(probs.log().repeat(len(params), 1), params).tolist()):
+            seen[i].add(t)
+    assert seen == [{0, 1}, {0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {0, 1, 2, 3, 4}]
+
+
+def test_batched_draws_follow_each_rows_distribution():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    params = [SamplingParams(), SamplingParams(temperature=0.5)]
+    torch.manual_seed(1)
+    draws = torch.stack([draw_rows(probs.log().repeat(2, 1), params) for _ in range(4000)])
+    sharpened = probs ** 2 / (probs ** 2).sum()  # temperature 0.5 squares the probabilities
+    for row, expected in enumerate([probs, sharpened]):
+        counts = torch.bincount(draws[:, row], minlength=4)
+        torch.testing.assert_close(counts / 4000, expected, atol=0.03, rtol=0)
+
+
+def test_sampler_draws_seeded_rows_alone_and_unseeded_rows_together():
+    logits = torch.randn(4, 50)
+    params = [SamplingParams(temperature=0.0), SamplingParams(seed=3), SamplingParams(),
+              SamplingParams(top_p=0.5)]
+    gens = [None, torch.Generator().manual_seed(3), None, None]
+    out = Sampler()(logits, SamplerInput(params, gens, [[]] * 4, [[]] * 4))
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert out.token_ids[1] == sample_row(logits[1], params[1], torch.Generator().manual_seed(3))
+    probs = torch.softmax(logits[3], -1)
+    kept = set(torch.argsort(probs, descending=True)[:int((probs.sort(descending=True).values
+                                                          .cumsum(0) < 0.5).sum()) + 1].tolist())
+    assert out.token_ids[3] in kept

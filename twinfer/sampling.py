@@ -151,11 +151,22 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         if any(p.uses_penalties for p in batch.params):
             logits = apply_penalties(logits.clone(), batch)
-        # Greedy rows in one argmax; sampled rows one by one, each with its own generator.
+        # Greedy rows in one argmax; unseeded sampled rows together (a few kernels for the
+        # whole batch, not ~10 per row); seeded rows one by one, each with its own generator,
+        # so that a seeded request draws the same tokens whatever else is in the batch.
         token_ids = logits.argmax(dim=-1)
+        unseeded = []
         for i, (params, gen) in enumerate(zip(batch.params, batch.generators)):
-            if not params.greedy:
+            if params.greedy:
+                continue
+            if gen is None:
+                unseeded.append(i)
+            else:
                 token_ids[i] = _draw(logits[i], params, gen)
+        if unseeded:
+            rows = _device_index(unseeded, logits.device)
+            drawn = draw_rows(logits.index_select(0, rows), [batch.params[i] for i in unseeded])
+            token_ids.index_copy_(0, rows, drawn)
         if raw_logprobs is None:
             return SampledTokens(token_ids)
         ids = token_ids.tolist()
@@ -209,6 +220,47 @@ def _draw(logits: torch.Tensor, params: SamplingParams,
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def draw_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``sample_row`` for every row of logits [rows, vocab] at once (global RNG): temperature,
+    top-k, top-p and min-p as per-row tensors, one sort for all rows when any filter needs it.
+    Returns the drawn ids [rows] on logits' device, without waiting for the device."""
+    dev = logits.device
+    rows, vocab = logits.shape
+    temps, top_k, top_p, min_p = _row_tensors(
+        dev, [p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab for p in params],
+        [p.top_p for p in params], [p.min_p for p in params])
+    logits = logits / temps[:, None]
+    if any(0 < p.top_k < vocab for p in params):
+        ordered = torch.sort(logits, dim=-1, descending=True).values
+        kth = ordered.gather(1, (top_k.long().clamp(max=vocab) - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p[:, None]
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    if any(p.min_p > 0.0 for p in params):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+def _row_tensors(device: torch.device, *columns: list[float]) -> list[torch.Tensor]:
+    """Per-row float32 parameters on ``device``; through pinned memory on CUDA, because a
+    pageable copy waits for all queued work (the step in flight, with async scheduling)."""
+    t = torch.tensor(columns, dtype=torch.float32)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return list(t)
+
+
+def _device_index(index: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(index, dtype=torch.long)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int
