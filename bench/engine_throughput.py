@@ -3,7 +3,7 @@ Llama-3.1-8B shapes with random weights: N concurrent requests of fixed input an
 lengths, as in LMDeploy's and vLLM's offline throughput benchmarks (CUDA).
 
     python -m bench.engine_throughput [--requests 100] [--input-len 1024] [--output-len 1024]
-        [--no-async-scheduling]
+        [--no-async-scheduling] [--temperature 0.8 --top-p 0.95]
 
 One short request runs first, untimed, so that Triton's JIT compilation of the prefill kernels
 is not counted (the decode kernels compile while the CUDA graphs are captured).
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--engine", default="fast")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
     cfg = weights.config
@@ -54,7 +56,8 @@ def main() -> None:
     while engine.has_unfinished_requests():
         engine.step()
     engine.stats = type(engine.stats)()
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
     for i in range(args.requests):
         prompt = [rng.randrange(2, cfg.vocab_size) for _ in range(args.input_len)]
@@ -63,7 +66,8 @@ def main() -> None:
         engine.step()
     elapsed = time.perf_counter() - start
     print(f"device: {torch.cuda.get_device_name()}  engine: {args.engine}  async scheduling: "
-          f"{args.async_scheduling}  requests: {args.requests} x ({args.input_len} in, "
+          f"{args.async_scheduling}  temperature: {args.temperature}  top_p: {args.top_p}"
+          f"  requests: {args.requests} x ({args.input_len} in, "
           f"{args.output_len} out)")
     print("| output tokens | seconds | output tok/s | total tok/s | steps |")
     print("|---:|---:|---:|---:|---:|")
