@@ -5,7 +5,8 @@
    closest to the full-precision ones on calibration tokens. s is then folded into the
    producer of x (see ``quantize.smoothing``).
 2. Clipping search: per output channel and group, shrink the weight range by up to half
-   (AutoAWQ's grid) where that lowers the group's contribution error on calibration tokens.
+   (AutoAWQ's grid, plus both ends of the range together for asymmetric schemes) where that
+   lowers the group's contribution error on calibration tokens.
    As in AutoAWQ, q_proj and k_proj keep their full range (their errors pass through softmax).
 
 Both errors are quadratic forms in the weight error: for inputs x with second moment
@@ -71,9 +72,12 @@ def _normalised_weight_magnitude(w: torch.Tensor, scheme: QuantScheme) -> torch.
 
 
 def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, layer: str,
-                grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
-    """Per (output channel, group) clipping bound max|w| [N, G, 1] minimising each group's
-    contribution to the output error (inputs' second moment ``C`` [K, K] or [R, K, K])."""
+                grid: int = 20, max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (output channel, group) clipping bounds (lo, hi), each [N, G, 1], minimising each
+    group's contribution to the output error (inputs' second moment ``C`` [K, K] or
+    [R, K, K]). Candidates: AutoAWQ's symmetric bounds +-max|w| * p for p = 1, 1 - 1 / grid,
+    ... down to 1 - max_shrink; for asymmetric schemes also [min, max] * p, which shrinks
+    both ends of the group's range where the symmetric bound first shrinks the longer one."""
     N, K = weight.shape
     gs = scheme.group_size_for(K, layer)
     G = K // gs
@@ -83,20 +87,25 @@ def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, laye
                            1)  # [R, G, gs, gs]
     w = weight.view(N, G, gs)
     org_max = w.abs().amax(-1, keepdim=True)  # [N, G, 1]
-    best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
+    w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    best_lo, best_hi = -org_max, org_max.clone()
+    best_err = torch.full_like(org_max, float("inf"))
     for step in range(int(max_shrink * grid)):
-        max_val = org_max * (1 - step / grid)
-        wq = fake_quantize(torch.clamp(w, -max_val, max_val).view(N, K), scheme).view(N, G, gs)
-        delta = (w - wq).view(R, N // R, G, gs)
-        err = torch.einsum("rngk,rgkl,rngl->rng", delta, C_groups, delta).reshape(N, G, 1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_max = torch.where(better, max_val, best_max)
-    return best_max
+        p = 1 - step / grid
+        for lo, hi in [(-org_max * p, org_max * p)] + ([] if scheme.sym else
+                                                        [(w_min * p, w_max * p)]):
+            wq = fake_quantize(torch.clamp(w, lo, hi).view(N, K), scheme).view(N, G, gs)
+            delta = (w - wq).view(R, N // R, G, gs)
+            err = torch.einsum("rngk,rgkl,rngl->rng", delta, C_groups, delta).reshape(N, G, 1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
 
 
-def apply_clip(weight: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] clamped per (channel, group) to [-max_val, max_val] ([N, G, 1])."""
+def apply_clip(weight: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """weight [N, K] clamped per (channel, group) to bounds (lo, hi), each [N, G, 1]."""
     N, K = weight.shape
-    G = max_val.shape[1]
-    return torch.clamp(weight.view(N, G, K // G), -max_val, max_val).view(N, K)
+    lo, hi = bounds
+    G = lo.shape[1]
+    return torch.clamp(weight.view(N, G, K // G), lo, hi).view(N, K)

@@ -174,11 +174,13 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
     return QuantizedModel(weights, options, linears, dense)
 
 
-def _collect_stats(cfg, t, x, cos, sin, options: QuantizeOptions) -> _InputStats:
-    """One forward pass of the windows' hidden states x through layer t as it is now."""
+def _collect_stats(cfg, t, x, cos, sin, options: QuantizeOptions,
+                   mixed_v: bool = True) -> _InputStats:
+    """One forward pass of the windows' hidden states x through layer t as it is now;
+    ``mixed_v=False`` skips v's attention-mixed inputs (costly; later GPTQ stages lack v)."""
     stats = _InputStats(options.method, x.device)
     _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe,
-             observe_mixed_v=options.method in ("gptq", "awq"))
+             observe_mixed_v=mixed_v and options.method in ("gptq", "awq"))
     return stats
 
 
@@ -202,7 +204,7 @@ def _gptq(cfg, t, collect, options: QuantizeOptions, prefix: str):
         if q:  # true-sequential: this stage's inputs come through the quantized earlier ones
             for n, qw in q.items():
                 t[n + ".weight"] = qw.dequantize()
-            stats = collect()
+            stats = collect(mixed_v=False)
             C = {n: _error_moment(stats, n) for n in stage}
         # Act-order sorts by one key per shared input (for q/k/v: v's error moment, the
         # widest), so that linears fused at load time get one g_idx.
