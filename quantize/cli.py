@@ -27,11 +27,12 @@ def register(sub) -> None:
     p.add_argument("--act-order", action="store_true", help="GPTQ: desc_act column order")
     p.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ: dampening added to the Hessian diagonal, a fraction of its mean")
-    p.add_argument("--mse", action="store_true",
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: search each group's range (shrink grid, error norm 2.4) "
-                        "instead of taking its min / max")
-    p.add_argument("--awq-scales", action="store_true",
-                   help="GPTQ: first search and fold AWQ's activation-aware input scales")
+                        "instead of taking its min / max (default: on)")
+    p.add_argument("--awq-scales", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: first search and fold AWQ's activation-aware input scales "
+                        "(default: on)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")

@@ -85,17 +85,29 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, la
 
 
 def mse_qparams(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
-                norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+                norm: float = 2.4, chunk: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zeros [..., 1] for groups w [..., gs]: of the ranges p * [min, max] for p
     from 1 down to 1 - max_shrink in steps of 1 / grid, the one with the lowest
     sum |w - dequant(quant(w))|^norm per group (the reference GPTQ Quantizer's ``mse=True``
-    and its defaults). p = 1 is plain min / max, so the error is never above its error."""
-    w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    and its defaults). p = 1 is plain min / max, so the error is never above its error.
+    Groups go through in slices of about ``chunk`` candidate elements (bounded memory)."""
     p = 1 - torch.arange(int(max_shrink * grid), device=w.device) / grid  # [P], p[0] = 1
-    p = p.view(-1, *[1] * w.dim())  # [P, 1, ..., 1]
-    scale, zero = compute_qparams(p * w_min, p * w_max, bits, sym)  # [P, ..., 1]
-    dq = (quantize_codes(w, scale, zero, bits) - zero) * scale  # [P, ..., gs]
-    err = (dq - w).abs_().pow_(norm).sum(-1, keepdim=True)  # [P, ..., 1]
+    rows = w.reshape(-1, w.shape[-1])
+    step = max(1, chunk // (len(p) * w.shape[-1]))
+    parts = [_best_range(rows[i:i + step], p, bits, sym, norm)
+             for i in range(0, rows.shape[0], step)]
+    scale, zero = (torch.cat(t).view(*w.shape[:-1], 1) for t in zip(*parts))
+    return scale, zero
+
+
+def _best_range(w: torch.Tensor, p: torch.Tensor, bits: int, sym: bool, norm: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mse_qparams`` for groups w [G, gs] and shrink factors p [P]: scale, zero [G, 1]."""
+    w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    p = p.view(-1, 1, 1)
+    scale, zero = compute_qparams(p * w_min, p * w_max, bits, sym)  # [P, G, 1]
+    dq = (quantize_codes(w, scale, zero, bits) - zero) * scale  # [P, G, gs]
+    err = (dq - w).abs_().pow_(norm).sum(-1, keepdim=True)  # [P, G, 1]
     best = err.argmin(0, keepdim=True)  # the first minimum: ties keep the wider range
     return scale.gather(0, best)[0], zero.gather(0, best)[0]
 

@@ -123,6 +123,9 @@ def test_mse_group_range_is_never_worse_than_min_max(sym):
     min_max = group_error(*compute_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True),
                                            4, sym))
     assert (mse <= min_max + 1e-6).all() and mse.sum() < min_max.sum()
+    in_slices = mse_qparams(w, 4, sym, chunk=80 * 64 * 5)  # 5 groups at a time
+    for a, b in zip(in_slices, mse_qparams(w, 4, sym)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_gptq_with_mse_ranges_beats_rtn():
