@@ -14,8 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine_fast.model import FastLlama
-from twinfer.batch import (AttentionMetadata, DeviceTokens, ScheduledBatch,
-                           build_attention_metadata)
+from twinfer.batch import AttentionMetadata, DeviceTokens, ScheduledBatch, build_attention_metadata
 from twinfer.config import EngineConfig
 from twinfer.kv_cache_memory import allocate_kv_caches
 from twinfer.weights import ModelWeights

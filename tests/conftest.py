@@ -25,6 +25,24 @@ from twinfer.sequence import Sequence
 from twinfer.weights import load_weights
 
 TINY_VOCAB = 256
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def rand_tokens(rng, n: int) -> list[int]:
+    """n random token ids of the tiny vocabulary (0 and 1 are bos/eos)."""
+    return [rng.randrange(2, TINY_VOCAB) for _ in range(n)]
+
+
+@pytest.fixture(params=["torch", "fast"])
+def engine(request):
+    """Every scheduler behaviour holds for both engines (fast: Triton interpreter on CPU)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tiny_model_factory):
+    # Scaled lm_head: top-2 logit gaps are large, so batch-order float noise cannot flip argmax.
+    return tiny_model_factory("llama", seed=7, logit_scale=30.0)
 
 
 def _tiny_hf_config(arch: str, **overrides):

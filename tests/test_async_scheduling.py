@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
+from conftest import GREEDY, rand_tokens
 
 from twinfer import LLM, SamplingParams
 from twinfer.batch import DeviceTokens
@@ -14,23 +14,6 @@ from twinfer.config import SchedulerConfig
 from twinfer.kv_cache import BlockManager
 from twinfer.scheduler import Scheduler
 from twinfer.sequence import Sequence
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def rand_tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(2, 256) for _ in range(n)]
-
-
-@pytest.fixture(params=["torch", "fast"])
-def engine(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def peaked_model(tiny_model_factory):
-    # Large top-2 logit gaps: a different batch composition cannot flip a greedy argmax.
-    return tiny_model_factory("llama", seed=7, logit_scale=30.0)
 
 
 def mixed_requests(n: int) -> list[tuple[list[int], SamplingParams]]:

@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import random
 
-import pytest
+from conftest import GREEDY, rand_tokens
 
 from twinfer import LLM, SamplingParams
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def rand_tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(2, 256) for _ in range(n)]
-
-
-@pytest.fixture(params=["torch", "fast"])
-def engine(request):
-    """Every scheduler behaviour holds for both engines (fast: Triton interpreter on CPU)."""
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def peaked_model(tiny_model_factory):
-    # Scaled lm_head: top-2 logit gaps are large, so batch-order float noise cannot flip argmax.
-    return tiny_model_factory("llama", seed=7, logit_scale=30.0)
 
 
 def test_preempted_batch_matches_each_request_alone(peaked_model, engine):

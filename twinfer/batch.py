@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twinfer.device_copy import to_device_async
 from twinfer.sequence import Sequence
 
 
@@ -81,9 +82,8 @@ class DeviceTokens:
         if self.rows == self.sources == list(range(n)):  # steady decode: same sequences, in order
             input_ids[:n].copy_(self.token_ids[:n], non_blocking=True)
             return
-        index = torch.tensor([self.rows, self.sources], dtype=torch.long)
-        if input_ids.is_cuda:  # pinned, so the copy does not wait for the work queued before it
-            index = index.pin_memory().to(input_ids.device, non_blocking=True)
+        index = to_device_async(torch.tensor([self.rows, self.sources], dtype=torch.long),
+                                input_ids.device)
         input_ids.index_copy_(0, index[0], self.token_ids.index_select(0, index[1]))
 
 

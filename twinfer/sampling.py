@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twinfer.device_copy import to_device_async
+
 _MAX_LOGPROBS = 20
 
 
@@ -164,7 +166,7 @@ class Sampler:
             else:
                 token_ids[i] = _draw(logits[i], params, gen)
         if unseeded:
-            rows = _device_index(unseeded, logits.device)
+            rows = to_device_async(torch.tensor(unseeded), logits.device)
             drawn = draw_rows(logits.index_select(0, rows), [batch.params[i] for i in unseeded])
             token_ids.index_copy_(0, rows, drawn)
         if raw_logprobs is None:
@@ -228,9 +230,9 @@ def draw_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     Returns the drawn ids [rows] on logits' device, without waiting for the device."""
     dev = logits.device
     rows, vocab = logits.shape
-    temps, top_k, top_p, min_p = _row_tensors(
-        dev, [p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab for p in params],
-        [p.top_p for p in params], [p.min_p for p in params])
+    temps, top_k, top_p, min_p = to_device_async(torch.tensor(
+        [[p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab for p in params],
+         [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32), dev)
     logits = logits / temps[:, None]
     if any(0 < p.top_k < vocab for p in params):
         ordered = torch.sort(logits, dim=-1, descending=True).values
@@ -245,22 +247,6 @@ def draw_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     if any(p.min_p > 0.0 for p in params):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     return torch.multinomial(probs, 1)[:, 0]
-
-
-def _row_tensors(device: torch.device, *columns: list[float]) -> list[torch.Tensor]:
-    """Per-row float32 parameters on ``device``; through pinned memory on CUDA, because a
-    pageable copy waits for all queued work (the step in flight, with async scheduling)."""
-    t = torch.tensor(columns, dtype=torch.float32)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return list(t)
-
-
-def _device_index(index: list[int], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(index, dtype=torch.long)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int
