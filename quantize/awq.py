@@ -19,6 +19,8 @@ the attention mixes them: see ``quantize.pipeline``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from twinfer.quant import QuantScheme, fake_quantize
@@ -39,13 +41,44 @@ def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
     have mean magnitude ``x_mean_abs`` [K] and second moment ``C`` (one for all, or one per
     weight: see the module docstring); ``duo`` adds AutoAWQ's weight-aware candidates."""
     moments = C if isinstance(C, list) else [C] * len(weights)
+
+    def loss(quantized: list[torch.Tensor]) -> float:
+        return sum(output_error(w - wq, m).sum().item()
+                   for w, wq, m in zip(weights, quantized, moments))
+
+    return search_scale_by(loss, x_mean_abs, weights, scheme, grid, duo)
+
+
+def search_scale_by(loss: Callable[[list[torch.Tensor]], float], x_mean_abs: torch.Tensor,
+                    weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
+                    duo: bool = True) -> torch.Tensor:
+    """``search_scale`` with any loss: ``loss(ws)`` is the error made when each of
+    ``weights`` is replaced by its ``ws`` counterpart (fake_quantize(W * s) / s). AutoAWQ's
+    loss is the output error of the whole block the linears sit in (attention, MLP)."""
     best_loss, best_s = float("inf"), torch.ones_like(x_mean_abs)
     for s in _scale_candidates(x_mean_abs, weights, scheme, grid, duo):
-        loss = sum(output_error(w - fake_quantize(w * s, scheme) / s, m).sum().item()
-                   for w, m in zip(weights, moments))
-        if loss < best_loss:
-            best_loss, best_s = loss, s
+        candidate = loss([fake_quantize(w * s, scheme) / s for w in weights])
+        if candidate < best_loss:
+            best_loss, best_s = candidate, s
     return best_s
+
+
+@torch.no_grad()
+def block_output_error(block: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                       t: dict[str, torch.Tensor], names: tuple[str, ...],
+                       inputs: list[torch.Tensor]) -> Callable[[list[torch.Tensor]], float]:
+    """AutoAWQ's loss for ``search_scale_by``: ``loss(ws)`` is the summed squared difference
+    between ``block(t', h)`` and ``block(t, h)`` over the input batches h, where t' is the
+    layer's tensors ``t`` with the weights of linears ``names`` replaced by ws (e.g. block =
+    the attention, names = q/k/v; ``quantize.decoder_layer``)."""
+    reference = [block(t, h) for h in inputs]
+
+    @torch.no_grad()
+    def loss(ws: list[torch.Tensor]) -> float:
+        tq = {**t, **{n + ".weight": w for n, w in zip(names, ws)}}
+        return sum((block(tq, h) - y).pow(2).sum().item() for h, y in zip(inputs, reference))
+
+    return loss
 
 
 def _scale_candidates(x_mean_abs: torch.Tensor, weights: list[torch.Tensor],

@@ -33,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--awq-scales", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: first search and fold AWQ's activation-aware input scales "
                         "(default: on)")
+    p.add_argument("--awq-block-loss", action=argparse.BooleanOptionalAction, default=False,
+                   help="AWQ (and GPTQ's AWQ scales): judge the q/k/v and gate/up scales by "
+                        "the whole attention / MLP block's output error, as AutoAWQ does "
+                        "(default: off)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
@@ -60,7 +64,8 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                            seed=args.seed, device=resolve_device(args.device),
                            act_order=args.act_order, damp=args.damp, mse=args.mse,
-                           awq_scales=args.awq_scales, true_sequential=args.true_sequential,
+                           awq_scales=args.awq_scales,
+                           awq_block_loss=args.awq_block_loss, true_sequential=args.true_sequential,
                            alpha=args.alpha)
 
 

@@ -57,13 +57,22 @@ def layer_forward(cfg: ModelConfig, t: dict[str, torch.Tensor], x: torch.Tensor,
 
     cos, sin: [T, head_dim] for positions 0..T-1. ``observe_mixed_v``: see the module docstring.
     """
-    B, T, _ = x.shape
+    h = rms_norm(x, t["input_layernorm.weight"], cfg.rms_norm_eps)
+    x = x + attention(cfg, t, h, cos, sin, observe, act_int8, observe_mixed_v)
+    h = rms_norm(x, t["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    return x + mlp(t, h, observe, act_int8)
+
+
+def attention(cfg: ModelConfig, t: dict[str, torch.Tensor], h: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor, observe: Observer | None = None,
+              act_int8: bool = False, observe_mixed_v: bool = False) -> torch.Tensor:
+    """The self-attention block: normed input h [B, T, hidden] -> o_proj's output."""
+    B, T, _ = h.shape
     H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
 
-    def lin(name: str, h: torch.Tensor) -> torch.Tensor:
-        return _linear(t, name, h, observe, act_int8)
+    def lin(name: str, a: torch.Tensor) -> torch.Tensor:
+        return _linear(t, name, a, observe, act_int8)
 
-    h = rms_norm(x, t["input_layernorm.weight"], eps)
     q = lin("self_attn.q_proj", h).view(B * T, H, D)
     k = lin("self_attn.k_proj", h).view(B * T, Hkv, D)
     v = lin("self_attn.v_proj", h).view(B, T, Hkv, D)
@@ -79,10 +88,16 @@ def layer_forward(cfg: ModelConfig, t: dict[str, torch.Tensor], x: torch.Tensor,
     if observe is not None and observe_mixed_v:
         observe(MIXED_V, _mixed_inputs(q, k, h, Hkv))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)
-    x = x + lin("self_attn.o_proj", o.transpose(1, 2).reshape(B, T, H * D))
-    h = rms_norm(x, t["post_attention_layernorm.weight"], eps)
-    act = F.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h)
-    return x + lin("mlp.down_proj", act)
+    return lin("self_attn.o_proj", o.transpose(1, 2).reshape(B, T, H * D))
+
+
+def mlp(t: dict[str, torch.Tensor], h: torch.Tensor, observe: Observer | None = None,
+        act_int8: bool = False) -> torch.Tensor:
+    """The MLP block: normed input h [B, T, hidden] -> down_proj's output."""
+    def lin(name: str, a: torch.Tensor) -> torch.Tensor:
+        return _linear(t, name, a, observe, act_int8)
+
+    return lin("mlp.down_proj", F.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h))
 
 
 def _mixed_inputs(q: torch.Tensor, k: torch.Tensor, h: torch.Tensor, num_kv_heads: int

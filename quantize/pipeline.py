@@ -24,8 +24,10 @@ from quantize.decoder_layer import (
     LINEARS,
     MIXED_V,
     MLP_IN,
+    attention,
     layer_forward,
     layer_tensors,
+    mlp,
 )
 from quantize.gptq import HessianAccumulator, gptq_quantize
 from quantize.smoothing import fold_scales, scale_groups, smoothquant_scales
@@ -61,6 +63,9 @@ class QuantizeOptions:
     mse: bool = True
     awq_scales: bool = True
     true_sequential: bool = False  # GPTQ: re-collect inputs after each stage (_STAGES)
+    # AWQ (and GPTQ's awq_scales): judge the q/k/v and gate/up scales by the output of the
+    # whole attention / MLP block, as AutoAWQ does, instead of each linear's own output.
+    awq_block_loss: bool = False
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -87,8 +92,12 @@ class QuantizedModel:
 class _InputStats:
     """What one forward pass learns about the inputs of a layer's linears."""
 
-    def __init__(self, method: str, device):
+    def __init__(self, method: str, device, blocks: dict | None = None):
         self.method, self.device = method, device
+        # AWQ's block loss: {group of linears: block(t, h)}, and the block's input batches h
+        self.blocks = blocks or {}
+        self.keep = {linears[0] for linears in self.blocks}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
         self.hessian: dict[str, HessianAccumulator] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.abs_max: dict[str, torch.Tensor] = {}
@@ -99,6 +108,8 @@ class _InputStats:
             self.hessian.setdefault(name, HessianAccumulator(x.shape[-1], self.device,
                                                              x.shape[0])).add(x)
             return
+        if name in self.keep:
+            self.inputs.setdefault(name, []).append(x)
         if _INPUT_OF[name] != name:
             return
         x = x.reshape(-1, x.shape[-1])
@@ -177,8 +188,13 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
 def _collect_stats(cfg, t, x, cos, sin, options: QuantizeOptions,
                    mixed_v: bool = True) -> _InputStats:
     """One forward pass of the windows' hidden states x through layer t as it is now;
-    ``mixed_v=False`` skips v's attention-mixed inputs (costly; later GPTQ stages lack v)."""
-    stats = _InputStats(options.method, x.device)
+    ``mixed_v=False`` skips v's attention-mixed inputs (costly; later GPTQ stages lack v)
+    and the block inputs (only the first pass searches scales)."""
+    scales = options.method == "awq" or (options.method == "gptq" and options.awq_scales)
+    blocks = None
+    if scales and options.awq_block_loss and mixed_v:
+        blocks = {ATTN_IN: lambda tq, h: attention(cfg, tq, h, cos, sin), MLP_IN: mlp}
+    stats = _InputStats(options.method, x.device, blocks)
     _forward(cfg, t, x, cos, sin, options.batch_size, stats.observe,
              observe_mixed_v=mixed_v and options.method in ("gptq", "awq"))
     return stats
@@ -257,11 +273,20 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
 def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
                      C: dict[str, torch.Tensor]) -> None:
     """AWQ's scale search for each group of linears sharing an input; folds the scales into
-    the layer ``t`` and rescales each linear's error moment in ``C`` (both in place)."""
+    the layer ``t`` and rescales each linear's error moment in ``C`` (both in place).
+
+    Each candidate is judged by the linears' own output error (quadratic forms in C) or,
+    where ``stats`` kept the block's inputs (``awq_block_loss``), by the output error of the
+    attention block (q/k/v) or MLP block (gate/up) with those linears fake-quantized."""
     for group in scale_groups(cfg):
-        s = awq.search_scale([C[n] for n in group.linears],
-                             stats.mean_abs(_INPUT_OF[group.linears[0]]),
-                             [t[n + ".weight"] for n in group.linears], scheme)
+        weights = [t[n + ".weight"] for n in group.linears]
+        x_mean_abs = stats.mean_abs(_INPUT_OF[group.linears[0]])
+        if group.linears in stats.blocks:
+            loss = awq.block_output_error(stats.blocks[group.linears], t, group.linears,
+                                          stats.inputs[group.linears[0]])
+            s = awq.search_scale_by(loss, x_mean_abs, weights, scheme)
+        else:
+            s = awq.search_scale([C[n] for n in group.linears], x_mean_abs, weights, scheme)
         fold_scales(t, group, s)
         for n in group.linears:
             C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s

@@ -14,10 +14,16 @@ from conftest import collect_logits
 from safetensors.torch import save_file
 
 from engine_torch.layers import rms_norm, rope_inv_freq, rotary_cos_sin
-from quantize.awq import apply_clip, search_clip, search_scale
+from quantize.awq import (
+    apply_clip,
+    block_output_error,
+    search_clip,
+    search_scale,
+    search_scale_by,
+)
 from quantize.calibration import CalibrationError, calibration_windows, load_calibration_texts
 from quantize.cli import quantize_checkpoint
-from quantize.decoder_layer import MIXED_V, layer_forward, layer_tensors
+from quantize.decoder_layer import ATTN_IN, MIXED_V, attention, layer_forward, layer_tensors
 from quantize.gptq import HessianAccumulator, gptq_quantize, mse_qparams
 from quantize.pipeline import QuantizeOptions
 from quantize.smoothing import fold_scales, scale_groups
@@ -236,6 +242,7 @@ CASES = {
     "gptq-w4-g32-sym-actorder": ("gptq", QuantScheme(4, 32, True)),
     "gptq-w4-g32-actorder-mse-awqscales-trueseq": ("gptq", QuantScheme(4, 32, False)),
     "awq-w4-g32": ("awq", QuantScheme(4, 32, False)),
+    "awq-w4-g32-blockloss": ("awq", QuantScheme(4, 32, False)),
     "smoothquant-w8a8": ("smoothquant", QuantScheme(8, -1, True, act_bits=8)),
 }
 
@@ -252,7 +259,8 @@ def quantized_tiny(tiny_model_factory, calib_file, tmp_path_factory):
             options = QuantizeOptions(method, scheme, calib=str(calib_file), calib_samples=8,
                                       calib_seqlen=64, act_order="actorder" in case,
                                       mse="mse" in case, awq_scales="awqscales" in case,
-                                      true_sequential="trueseq" in case)
+                                      true_sequential="trueseq" in case,
+                                      awq_block_loss="blockloss" in case)
             quantize_checkpoint(str(tiny_model_factory("llama")), out, options, progress=False)
             cache[case] = out
         return cache[case]
@@ -351,3 +359,27 @@ def test_engine_fast_computes_what_engine_torch_computes_on_quantized_checkpoint
     fast_logits = collect_logits(qdir, PROMPTS, 5, device=device, engine="fast")
     for a, b in zip(torch_logits, fast_logits):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_awq_block_loss_scales_give_no_larger_attention_error_than_linear_loss(
+        tiny_model_factory, arch):
+    # --awq-block-loss judges q/k/v's scale by the attention block's output (AutoAWQ); over
+    # the same candidates it must do at least as well there as the per-linear loss does.
+    weights = load_weights(tiny_model_factory(arch))
+    cfg = weights.config
+    t = layer_tensors(weights.tensors, cfg, 0, "cpu")
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(4, 16, cfg.hidden_size, generator=g)
+    h[..., :3] *= 20  # outlier input channels, as in real activations
+    cos, sin = rotary_cos_sin(torch.arange(16), rope_inv_freq(cfg), torch.float32)
+    block = lambda tq, a: attention(cfg, tq, a, cos, sin)  # noqa: E731
+    scheme = QuantScheme(4, 32, sym=False)
+    ws = [t[n + ".weight"] for n in ATTN_IN]
+    flat = h.reshape(-1, cfg.hidden_size)
+    loss = block_output_error(block, t, ATTN_IN, list(h.split(2)))
+    s_linear = search_scale(flat.t() @ flat / len(flat), flat.abs().mean(0), ws, scheme)
+    s_block = search_scale_by(loss, flat.abs().mean(0), ws, scheme)
+    quantized = lambda s: [fake_quantize(w * s, scheme) / s for w in ws]  # noqa: E731
+    assert loss(quantized(s_block)) <= loss(quantized(s_linear))
+    assert loss(quantized(s_block)) < loss([fake_quantize(w, scheme) for w in ws])
