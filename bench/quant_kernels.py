@@ -20,6 +20,7 @@ import dataclasses
 import torch
 import triton
 
+from kernels.dense_gemv import dense_gemv
 from kernels.quant_matmul import (
     KernelConfig,
     _num_sms,
@@ -70,6 +71,9 @@ def copies(tensors, nbytes: int, make):
 def sweep_configs(m: int, bits: int, act_bits: int) -> list[KernelConfig]:
     """Tile shapes around each M bucket's default; split-K from 1 to 8 for small M."""
     C = KernelConfig
+    if m == 1 and act_bits == 16:  # fp16 on CUDA: the half2 GEMV
+        return [C("gemv_h2", 1, bn, 256, s, warps) for bn in (16, 32, 64)
+                for s in (2, 4, 8, 16) for warps in (2, 4)]
     if m <= 16:
         cfgs = [C("dot", 16, bn, bk, s, 4, 4) for bn in (32, 64) for bk in (128, 256)
                 for s in (1, 2, 4, 8)]
@@ -100,11 +104,25 @@ def run_case(k: int, n: int, m: int, copy_bw: float, sweep: bool) -> dict:
     print(f"K={k} N={n} M={m}  fp16 {ms * 1e3:8.1f} us  "
           f"{row['fp16'][1] / 1e9:7.0f} GB/s ({100 * row['fp16'][1] / copy_bw:3.0f}% copy)  "
           f"{2 * m * n * k / (ms * 1e-3) / 1e12:6.1f} TFLOP/s")
+    if m == 1:  # the dense Triton GEMV against cuBLAS at one row
+        dense_cfgs = [(bn, bk, nw) for bn in (8, 16, 32) for bk in (128, 256, 512)
+                      for nw in (4, 8)] if sweep else [(16, 256, 4)]
+        times = []
+        for bn, bk, nw in dense_cfgs:
+            t = bench_ms(lambda w, c=(bn, bk, nw): dense_gemv(x, w, None, *c),
+                         copies([dense], n * k * 2, lambda ts: ts[0]))
+            times.append((t, (bn, bk, nw)))
+        t, c = min(times)
+        rate = (n * k * 2 + act_bytes) / (t * 1e-3)
+        row["gemv"] = (t, rate)
+        print(f"    dense gemv  {t * 1e3:8.1f} us  {rate / 1e9:7.0f} GB/s "
+              f"({100 * rate / copy_bw:3.0f}% copy)  {row['fp16'][0] / t:5.2f}x cuBLAS  "
+              f"(block_n, block_k, warps) {c}")
     for name, scheme in SCHEMES.items():
         w = prepare_quant_weight(quantize_rtn(dense, scheme), torch.float16)
         ws = copies([w.qweight, w.scales, w.zeros], w.nbytes, lambda ts, w=w: dataclasses.replace(
             w, qweight=ts[0], scales=ts[1], zeros=ts[2]))
-        default = choose_config(m, n, k, w, _num_sms(x.device))
+        default = choose_config(m, n, k, w, _num_sms(x.device), half2=True)
         ms = bench_ms(lambda w: quant_linear(x, w), ws)
         best = (ms, default)
         if sweep:

@@ -6,8 +6,10 @@ order), 8-bit codes one per byte, scales and zeros [N, G] in fp16 (fp32 for fp32
 W8A8 weights as signed int8 with one float32 scale per channel. Run time (``quant_linear``)
 picks a kernel by M, the rows of x, with thresholds from H100 sweeps (``choose_config``):
 
-* weight-only, M <= GEMV_MAX_M: ``_gemv_kernel`` on the CUDA cores, split-K. A code becomes a
-  float by being OR-ed into the mantissa of 2**23 (one LOP3 and one FADD; I2F is quarter rate).
+* weight-only, M <= GEMV_MAX_M: a GEMV on the CUDA cores, split-K. For fp16 on CUDA,
+  ``gemv_half2_kernel`` (kernels/half2_gemv.py: packed half2 math in inline PTX, two codes per
+  LOP3 and HFMA2); otherwise ``_gemv_kernel`` in float32, where a code becomes a float by being
+  OR-ed into the mantissa of 2**23 (one LOP3 and one FADD; I2F is quarter rate).
 * weight-only up to DENSE_MIN_M rows, and W8A8 at any M: ``_dot_kernel`` / ``_int8_dot_kernel``
   on the tensor cores. They compute out.T = W @ x.T, so the weight tile dequantized in
   registers (fp16 0x6400 | q is 1024 + q, exactly) is wgmma's register operand and small M only
@@ -29,12 +31,14 @@ valid one) and masked on store. Split-K programs write float32 partials [SPLIT, 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.half2_gemv import gemv_half2_kernel
 from twinfer.quant import QuantizedWeight, quantize_activations_per_token
 
 GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
@@ -73,7 +77,9 @@ class PreparedQuantWeight:
 class KernelConfig:
     """Tile shape and launch parameters; ``quant_linear`` picks one unless given."""
 
-    kernel: str  # "gemv" (weight-only, M=1), "dot", or "dequant" (weight-only, then cuBLAS)
+    # "gemv" (weight-only, M=1, float32 math), "gemv_h2" (the same in half2 math: fp16 on
+    # CUDA, kernels/half2_gemv.py), "dot", or "dequant" (weight-only, then cuBLAS)
+    kernel: str
     block_m: int
     block_n: int
     block_k: int
@@ -333,13 +339,17 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
     return block_k
 
 
-def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int) -> KernelConfig:
+def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
+                  half2: bool = False) -> KernelConfig:
     """Tile shape by M bucket, from sweeps on an H100 (bench.quant_kernels --sweep). Small M
     streams the weight once: split-K adds programs until ~2-8 per SM (4-bit unpacking costs
     more, so it wants more). Weight-only above DENSE_MIN_M rows dequantizes to a dense buffer
     for cuBLAS: dequantizing inside a Triton GEMM leaves the tensor cores waiting on the
-    unpacking (0.5-0.65x fp16 at M=2048, against 0.85-0.9x)."""
-    if w.act_bits == 16 and M <= GEMV_MAX_M:
+    unpacking (0.5-0.65x fp16 at M=2048, against 0.85-0.9x). ``half2``: the packed-fp16
+    GEMV can run (fp16 activations on CUDA)."""
+    if w.act_bits == 16 and M <= GEMV_MAX_M and half2:
+        cfg, per_sm = KernelConfig("gemv_h2", 1, 32, 256), 8 if w.bits == 4 else 4
+    elif w.act_bits == 16 and M <= GEMV_MAX_M:
         cfg, per_sm = KernelConfig("gemv", 1, 32, 256), 8 if w.bits == 4 else 4
     elif w.act_bits == 16 and M > DENSE_MIN_M:
         return KernelConfig("dequant", 1, 64, 128)
@@ -384,13 +394,17 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
         raise ValueError(f"bias must be [{N}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
+        x2 = x2.contiguous()  # the half2 GEMV reads x as int32 pairs
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out.view(*lead, N)
-    cfg = config or choose_config(M, N, K, w, _num_sms(x.device))
+    half2 = (x.dtype == torch.float16 and w.scales.dtype == torch.float16 and x.is_cuda
+             and os.environ.get("TRITON_INTERPRET") != "1")
+    cfg = config or choose_config(M, N, K, w, _num_sms(x.device), half2)
+    if cfg.kernel == "gemv_h2" and not half2:
+        raise ValueError("the half2 GEMV needs fp16 activations on CUDA (not the interpreter)")
     if cfg.kernel == "dequant":
         dense = dequantize(w, cfg)
         return (torch.matmul(x2, dense.T, out=out) if bias is None else
@@ -416,6 +430,12 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
         _gemv_kernel[(M, triton.cdiv(N, cfg.block_n), num_splits)](
             x2, words, w.scales, w.zeros, b, part, M, N, K, k_per_split,
             x2.stride(0), words.stride(0), w.scales.stride(0), N, M * N, 0x4B000000,
+            BITS=w.bits, GROUP_SIZE=w.group_size, **meta)
+    elif cfg.kernel == "gemv_h2":
+        words, x_pairs = w.qweight.view(torch.int32), x2.view(torch.int32)
+        gemv_half2_kernel[(M, triton.cdiv(N, cfg.block_n), num_splits)](
+            x_pairs, words, w.scales, w.zeros, b, part, M, N, K, k_per_split,
+            x_pairs.stride(0), words.stride(0), w.scales.stride(0), N, M * N,
             BITS=w.bits, GROUP_SIZE=w.group_size, **meta)
     else:
         _dot_kernel[(tiles, num_splits)](

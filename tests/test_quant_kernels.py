@@ -15,6 +15,7 @@ import torch
 
 from kernels.quant_matmul import (
     KernelConfig,
+    choose_config,
     prepare_quant_weight,
     quant_linear,
     quant_linear_reference,
@@ -168,6 +169,23 @@ def test_bad_inputs_raise_value_error():
                              torch.float16)
 
 
+def test_one_fp16_row_on_cuda_picks_the_half2_gemv():
+    w = prepare_quant_weight(random_quantized(48, 192, QuantScheme(4, 64, False), seed=1),
+                             torch.float16)
+    assert choose_config(1, 48, 192, w, num_sms=132, half2=True).kernel == "gemv_h2"
+    assert choose_config(1, 48, 192, w, num_sms=132, half2=False).kernel == "gemv"
+    assert choose_config(2, 48, 192, w, num_sms=132, half2=True).kernel == "dot"
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's refusal")
+def test_half2_gemv_refuses_the_interpreter():
+    qw = random_quantized(48, 192, QuantScheme(4, 64, False), seed=1)
+    x = random_x(1, 192, torch.float16, seed=2)
+    with pytest.raises(ValueError, match="half2 GEMV needs fp16 activations on CUDA"):
+        quant_linear(x, prepare_quant_weight(qw, torch.float16),
+                     config=KernelConfig("gemv_h2", 1, 32, 64))
+
+
 LLAMA_SHAPES = [(4096, 6144), (14336, 4096)]  # (K, N): fused qkv, down_proj
 GPU_SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1, True),
                "w8a8": W8A8}
@@ -186,3 +204,36 @@ def test_llama_shapes_match_reference_on_gpu(dtype, scheme, m, k, n):
     bias = torch.randn(n).to(DEVICE, dtype)
     out = quant_linear(x, prepare_quant_weight(qw, dtype), bias)
     assert_close_to_reference(out, quant_linear_reference(x, qw, bias), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA (inline PTX)")
+@pytest.mark.parametrize("bits,group_size,sym", WEIGHT_ONLY)
+@pytest.mark.parametrize("k,n,block_n,split_k", [(192, 72, 32, 1), (192, 72, 64, 3),
+                                                 (4096, 6144, 64, 8), (14336, 4096, 128, 4)])
+def test_half2_gemv_matches_reference_on_gpu(bits, group_size, sym, k, n, block_n, split_k):
+    qw = random_quantized(n, k, QuantScheme(bits, group_size, sym), seed=k + bits)
+    x = random_x(1, k, torch.float16, seed=n)
+    bias = torch.randn(n).to(DEVICE, torch.float16)
+    config = KernelConfig("gemv_h2", 1, block_n, 256, split_k=split_k)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias, config=config)
+    assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA (inline PTX)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_half2_gemv_does_not_overflow_on_fp16_extremes(bits):
+    """Half2 lanes hold partial sums in fp16; x is pre-scaled so even |x| = 65504 fits."""
+    qw = random_quantized(64, 1024, QuantScheme(bits, 128, False), seed=5)
+    x = (random_x(1, 1024, torch.float32, seed=6) * 4000).clamp(-65504, 65504)
+    x[0, ::97] = 65504.0  # lanes of a word see several of these at most once per 97 codes
+    x[0, 1::194] = -65504.0
+    x = x.to(torch.float16)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float16),
+                       config=KernelConfig("gemv_h2", 1, 32, 128))
+    ref = quant_linear_reference(x, qw)
+    in_range = ref.abs() < 60000  # larger outputs round to inf in fp16 either way
+    assert in_range.float().mean() > 0.9
+    assert torch.isfinite(out[in_range]).all()
+    assert_close_to_reference(out[in_range], ref[in_range], torch.float16)

@@ -1,0 +1,197 @@
+"""Weight-only GEMV (one row of x) in packed half2 math: fp16 activations on NVIDIA GPUs only.
+
+Why: the float32 GEMV in quant_matmul.py spends ~3 instructions per code (mask-and-OR into a
+float's mantissa, subtract, FMA) plus a share of x's loads and conversions, and at one row that
+instruction stream, not HBM, sets its speed (H200: ~3 T codes/s, 20-38% of copy bandwidth on
+4-bit). Here one LOP3 turns two 4-bit codes into the fp16 pair (1024 + q_a, 1024 + q_b)
+(0x6400 is 1024, whose ulp is 1), one HFMA2 makes the exact pair ((q - z) / 16) and one HFMA2
+multiplies by x and accumulates: ~2.1 instructions per 4-bit code, ~2.5 per 8-bit code, all
+in inline PTX (Triton has no packed fp16 ops), so this kernel does not run under the CPU
+interpreter; quant_matmul falls back to the float32 GEMV there and for bf16 / fp32.
+
+Numerics: codes minus zero are exact (|q - z| <= 15 or 255, scaled by 1/16 or 1/256); x is
+pre-scaled by 1/4, so that no half2 lane can overflow even at |x| = 65504 (a lane sums at most
+4 products of |x / 4| * 15/16, or 2 of |x / 4| * 255/256); each word's lanes (8 or 4 products)
+are converted to float32 and accumulated there, with the group scale applied per K tile as in
+the float32 kernel. So the only fp16 roundings beyond the reference's are those of up to four
+products and their partial sums: ~1e-3 relative to a word's partial sum.
+
+Codes keep prepare_quant_weight's packing (code k of a word at bits BITS * k), so the pair a
+LOP3 extracts is (k, k + 4) for 4-bit and (k, k + 2) for 8-bit; x's pairs are permuted to
+match with PRMT once per K tile and thread, which every row the thread holds shares.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# (x_a, x_a+1), (x_b, x_b+1) -> (x_a, x_b) / 4, (x_a+1, x_b+1) / 4; 0x3400 is fp16 0.25.
+_PAIR_X_ASM = tl.constexpr("""{
+.reg .b32 quarter;
+mov.b32 quarter, 0x34003400;
+prmt.b32 $0, $2, $3, 0x5410;
+prmt.b32 $1, $2, $3, 0x7632;
+mul.rn.f16x2 $0, $0, quarter;
+mul.rn.f16x2 $1, $1, quarter;
+}""")
+
+# $1: word of eight 4-bit codes; $2..$5: x pairs (k, k + 4) / 4 for k = 0..3; $6 / $7: the
+# pairs -(64 + z / 16) and -(4 + z / 16). Low nibbles of each byte become 1024 + q, high ones
+# 1024 + 16 q; the FMAs by 1/16 (0x2C00) and 1/256 (0x1C00) turn both into (q - z) / 16.
+_DOT_W4_ASM = tl.constexpr("""{
+.reg .b32 hi, a0, a1, a2, a3, acc, c16, c256;
+.reg .b16 l, h;
+.reg .f32 f0, f1;
+mov.b32 c16, 0x2C002C00;
+mov.b32 c256, 0x1C001C00;
+shr.u32 hi, $1, 8;
+lop3.b32 a0, $1, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 a1, $1, 0x00f000f0, 0x64006400, 0xea;
+lop3.b32 a2, hi, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 a3, hi, 0x00f000f0, 0x64006400, 0xea;
+fma.rn.f16x2 a0, a0, c16, $6;
+fma.rn.f16x2 a1, a1, c256, $7;
+fma.rn.f16x2 a2, a2, c16, $6;
+fma.rn.f16x2 a3, a3, c256, $7;
+mul.rn.f16x2 acc, a0, $2;
+fma.rn.f16x2 acc, a1, $3, acc;
+fma.rn.f16x2 acc, a2, $4, acc;
+fma.rn.f16x2 acc, a3, $5, acc;
+mov.b32 {l, h}, acc;
+cvt.f32.f16 f0, l;
+cvt.f32.f16 f1, h;
+add.f32 $0, f0, f1;
+}""")
+
+# $1: word of four 8-bit codes; $2 / $3: x pairs (0, 2) / 4 and (1, 3) / 4; $4: the pair
+# -(4 + z / 256). Bytes become 1024 + q; the FMA by 1/256 makes (q - z) / 256.
+_DOT_W8_ASM = tl.constexpr("""{
+.reg .b32 hi, a0, a1, acc, c256;
+.reg .b16 l, h;
+.reg .f32 f0, f1;
+mov.b32 c256, 0x1C001C00;
+shr.u32 hi, $1, 8;
+lop3.b32 a0, $1, 0x00ff00ff, 0x64006400, 0xea;
+lop3.b32 a1, hi, 0x00ff00ff, 0x64006400, 0xea;
+fma.rn.f16x2 a0, a0, c256, $4;
+fma.rn.f16x2 a1, a1, c256, $4;
+mul.rn.f16x2 acc, a0, $2;
+fma.rn.f16x2 acc, a1, $3, acc;
+mov.b32 {l, h}, acc;
+cvt.f32.f16 f0, l;
+cvt.f32.f16 f1, h;
+add.f32 $0, f0, f1;
+}""")
+
+
+@triton.jit
+def _x_pairs(pa, pb):
+    """x pairs (a, a + 1) and (b, b + 1) as int32 -> (a, b) / 4 and (a + 1, b + 1) / 4."""
+    return tl.inline_asm_elementwise(_PAIR_X_ASM, "=r,=r,r,r", [pa, pb],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _tile_inputs(w_ptrs, zeros_ptr, scales_ptr, x_pairs, rows, stride_sn, kw,
+                 PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """Everything K tile ``kw`` (in words) reads: codes, zero point bits and scale per row,
+    x as int32 pairs (four per word for 4-bit, two for 8-bit)."""
+    k0 = kw * PER_WORD
+    g = k0 // GROUP_SIZE
+    words = tl.load(w_ptrs + kw)
+    z = tl.load(zeros_ptr + rows * stride_sn + g).to(tl.int16, bitcast=True).to(tl.int32)
+    s = tl.load(scales_ptr + rows * stride_sn + g)
+    pairs = x_pairs + k0 // 2
+    p0 = tl.load(pairs)
+    p1 = tl.load(pairs + 1)
+    if PER_WORD == 8:
+        p2 = tl.load(pairs + 2)
+        p3 = tl.load(pairs + 3)
+    else:
+        p2 = p0
+        p3 = p1
+    return words, z, s, p0, p1, p2, p3
+
+
+# $1: a zero point's fp16 bits (sign-extended to 32) -> $0 = the pair -(64 + z / 16) (0xAC00 is
+# -1/16, 0xD400 is -64) and $1 = -(4 + z / 16) = $0 + 60 (0x5380); all exact in fp16.
+_ZERO_PAIRS_W4_ASM = tl.constexpr("""{
+.reg .b32 z2, c, d;
+prmt.b32 z2, $2, $2, 0x1010;
+mov.b32 c, 0xAC00AC00;
+mov.b32 d, 0xD400D400;
+fma.rn.f16x2 $0, z2, c, d;
+mov.b32 c, 0x53805380;
+add.rn.f16x2 $1, $0, c;
+}""")
+
+# The same for 8-bit: $0 = the pair -(4 + z / 256) (0x9C00 is -1/256, 0xC400 is -4).
+_ZERO_PAIR_W8_ASM = tl.constexpr("""{
+.reg .b32 z2, c, d;
+prmt.b32 z2, $1, $1, 0x1010;
+mov.b32 c, 0x9C009C00;
+mov.b32 d, 0xC400C400;
+fma.rn.f16x2 $0, z2, c, d;
+}""")
+
+
+@triton.jit
+def gemv_half2_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # x_ptr: x [M, K] fp16 viewed as int32 [M, K / 2] (stride_xm in pairs); qw_ptr: the codes
+    # viewed as int32 [N, K / PER_WORD]. Grid and split-K partials as in _gemv_kernel.
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    row, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    cols = tl.arange(0, WORDS)
+    w_ptrs = qw_ptr + rows[:, None] * stride_qn + cols[None, :]
+    x_pairs = x_ptr + row * stride_xm + cols * (PER_WORD // 2)  # first pair of each word
+    k_lo = split * k_per_split
+    kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
+    acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    # Every input of the next K tile is loaded before this one's math (software pipelining:
+    # the zero points, scales and x are latency-bound loads otherwise waited on each tile).
+    words_n, z_n, s_n, p0_n, p1_n, p2_n, p3_n = _tile_inputs(
+        w_ptrs, zeros_ptr, scales_ptr, x_pairs, rows, stride_sn, k_lo // PER_WORD, PER_WORD,
+        GROUP_SIZE)
+    for kw in range(k_lo // PER_WORD, kw_end, WORDS):
+        words, z, s, p0, p1, p2, p3 = words_n, z_n, s_n, p0_n, p1_n, p2_n, p3_n
+        kw_next = tl.multiple_of(tl.minimum(kw + WORDS, kw_end - WORDS), WORDS)  # last: again
+        words_n, z_n, s_n, p0_n, p1_n, p2_n, p3_n = _tile_inputs(
+            w_ptrs, zeros_ptr, scales_ptr, x_pairs, rows, stride_sn, kw_next, PER_WORD,
+            GROUP_SIZE)
+        s = s.to(tl.float32)
+        if BITS == 4:
+            x04, x15 = _x_pairs(p0, p2)
+            x26, x37 = _x_pairs(p1, p3)
+            z_lo, z_hi = tl.inline_asm_elementwise(_ZERO_PAIRS_W4_ASM, "=r,=r,r", [z],
+                                                   dtype=(tl.int32, tl.int32), is_pure=True,
+                                                   pack=1)
+            part = tl.inline_asm_elementwise(
+                _DOT_W4_ASM, "=r,r,r,r,r,r,r,r",
+                [words, x04[None, :], x15[None, :], x26[None, :], x37[None, :],
+                 z_lo[:, None], z_hi[:, None]],
+                dtype=tl.float32, is_pure=True, pack=1)
+            acc2 += part * (s * 64.0)[:, None]  # undo (q - z) / 16 and x / 4
+        else:
+            x02, x13 = _x_pairs(p0, p1)
+            z_pair = tl.inline_asm_elementwise(_ZERO_PAIR_W8_ASM, "=r,r", [z], dtype=tl.int32,
+                                               is_pure=True, pack=1)
+            part = tl.inline_asm_elementwise(
+                _DOT_W8_ASM, "=r,r,r,r,r",
+                [words, x02[None, :], x13[None, :], z_pair[:, None]],
+                dtype=tl.float32, is_pure=True, pack=1)
+            acc2 += part * (s * 1024.0)[:, None]  # undo (q - z) / 256 and x / 4
+    acc = tl.sum(acc2, axis=1)
+    out_ptr += split * stride_os + row * stride_om
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
