@@ -208,26 +208,19 @@ def _draw(logits: torch.Tensor, params: SamplingParams,
     """``sample_row`` as a 0-d device tensor (no wait for the device)."""
     if params.greedy:
         return torch.argmax(logits)
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)  # a boolean index would sync
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    probs = filtered_probs(logits[None], [params])[0]
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def draw_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """``sample_row`` for every row of logits [rows, vocab] at once (global RNG): temperature,
-    top-k, top-p and min-p as per-row tensors, one sort for all rows when any filter needs it.
-    Returns the drawn ids [rows] on logits' device, without waiting for the device."""
+    """``sample_row`` for every row of logits [rows, vocab] at once (global RNG). Returns the
+    drawn ids [rows] on logits' device, without waiting for the device."""
+    return torch.multinomial(filtered_probs(logits, params), 1)[:, 0]
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities [rows, vocab] after each row's temperature, top-k, top-p and min-p, as
+    per-row tensors: one sort for all rows when any filter needs it."""
     dev = logits.device
     rows, vocab = logits.shape
     temps, top_k, top_p, min_p = to_device_async(torch.tensor(
@@ -241,12 +234,13 @@ def draw_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays);
+        # masking, not a boolean index, which would wait for the device.
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p[:, None]
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     if any(p.min_p > 0.0 for p in params):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
-    return torch.multinomial(probs, 1)[:, 0]
+    return probs
 
 
 def top_logprobs(logprobs: torch.Tensor, token_id: int, n: int
