@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -50,7 +51,8 @@ def run_variant(args: argparse.Namespace, variant: str, port: int, out: Path) ->
     cmd = [sys.executable, "-m", "twinfer.cli", "serve", args.model, "--load-format", "dummy",
            "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
            "--max-model-len", str(args.input_len + args.output_len + 16),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), *VARIANTS[variant]]
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), *VARIANTS[variant],
+           *shlex.split(args.server_args)]
     log = open(out / f"server-{variant}.log", "w")
     started = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--server-args", default="",
+                    help="extra `twinfer serve` flags for every variant, e.g. "
+                         "'--no-async-scheduling'")
     ap.add_argument("-o", "--output-dir", default="bench-results/serve-compare")
     args = ap.parse_args(argv)
     out = Path(args.output_dir)
