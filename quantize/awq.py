@@ -36,27 +36,29 @@ def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
                  weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
-                 duo: bool = True) -> torch.Tensor:
+                 duo: bool = True, foldable: Callable | None = None) -> torch.Tensor:
     """The best per-input-channel scale s [K] for linears ``weights`` ([N_i, K]) whose inputs
     have mean magnitude ``x_mean_abs`` [K] and second moment ``C`` (one for all, or one per
-    weight: see the module docstring); ``duo`` adds AutoAWQ's weight-aware candidates."""
+    weight: see the module docstring); ``duo`` adds AutoAWQ's weight-aware candidates;
+    ``foldable`` maps each candidate to one its producer can absorb (``ScaleGroup.foldable``)."""
     moments = C if isinstance(C, list) else [C] * len(weights)
 
     def loss(quantized: list[torch.Tensor]) -> float:
         return sum(output_error(w - wq, m).sum().item()
                    for w, wq, m in zip(weights, quantized, moments))
 
-    return search_scale_by(loss, x_mean_abs, weights, scheme, grid, duo)
+    return search_scale_by(loss, x_mean_abs, weights, scheme, grid, duo, foldable)
 
 
 def search_scale_by(loss: Callable[[list[torch.Tensor]], float], x_mean_abs: torch.Tensor,
                     weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
-                    duo: bool = True) -> torch.Tensor:
+                    duo: bool = True, foldable: Callable | None = None) -> torch.Tensor:
     """``search_scale`` with any loss: ``loss(ws)`` is the error made when each of
     ``weights`` is replaced by its ``ws`` counterpart (fake_quantize(W * s) / s). AutoAWQ's
     loss is the output error of the whole block the linears sit in (attention, MLP)."""
     best_loss, best_s = float("inf"), torch.ones_like(x_mean_abs)
     for s in _scale_candidates(x_mean_abs, weights, scheme, grid, duo):
+        s = s if foldable is None else foldable(s)
         candidate = loss([fake_quantize(w * s, scheme) / s for w in weights])
         if candidate < best_loss:
             best_loss, best_s = candidate, s

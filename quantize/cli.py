@@ -37,6 +37,10 @@ def register(sub) -> None:
                    help="AWQ (and GPTQ's AWQ scales): judge the q/k/v and gate/up scales by "
                         "the whole attention / MLP block's output error, as AutoAWQ does "
                         "(default: off)")
+    p.add_argument("--awq-o-scales", action=argparse.BooleanOptionalAction, default=False,
+                   help="AWQ (and GPTQ's AWQ scales): under grouped-query attention also "
+                        "search o_proj's input scales, one per v_proj row, folded into v_proj "
+                        "(default: off)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
@@ -65,7 +69,8 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            seed=args.seed, device=resolve_device(args.device),
                            act_order=args.act_order, damp=args.damp, mse=args.mse,
                            awq_scales=args.awq_scales,
-                           awq_block_loss=args.awq_block_loss, true_sequential=args.true_sequential,
+                           awq_block_loss=args.awq_block_loss,
+                           awq_o_scales=args.awq_o_scales, true_sequential=args.true_sequential,
                            alpha=args.alpha)
 
 

@@ -66,6 +66,9 @@ class QuantizeOptions:
     # AWQ (and GPTQ's awq_scales): judge the q/k/v and gate/up scales by the output of the
     # whole attention / MLP block, as AutoAWQ does, instead of each linear's own output.
     awq_block_loss: bool = False
+    # AWQ (and GPTQ's awq_scales): under GQA also search o_proj's input scales, one per v row
+    # (shared by the query heads reading it), folded into v_proj (quantize.smoothing).
+    awq_o_scales: bool = False
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -214,7 +217,7 @@ def _gptq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     stats = collect()
     C = {n: _error_moment(stats, n) for n in LINEARS}
     if options.awq_scales:
-        _fold_awq_scales(cfg, t, stats, options.scheme, C)
+        _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales)
     q: dict[str, QuantizedWeight] = {}
     for stage in _STAGES if options.true_sequential else (LINEARS,):
         if q:  # true-sequential: this stage's inputs come through the quantized earlier ones
@@ -260,7 +263,7 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     stats = collect()
     # Each linear's error moment (see _error_moment), rescaled as scales fold into its input.
     C = {n: _error_moment(stats, n) for n in LINEARS}
-    _fold_awq_scales(cfg, t, stats, options.scheme, C)
+    _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales)
     q = {}
     for n in LINEARS:
         w = t[n + ".weight"]
@@ -271,14 +274,15 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
 
 
 def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
-                     C: dict[str, torch.Tensor]) -> None:
+                     C: dict[str, torch.Tensor], shared_v: bool = False) -> None:
     """AWQ's scale search for each group of linears sharing an input; folds the scales into
     the layer ``t`` and rescales each linear's error moment in ``C`` (both in place).
 
     Each candidate is judged by the linears' own output error (quadratic forms in C) or,
     where ``stats`` kept the block's inputs (``awq_block_loss``), by the output error of the
-    attention block (q/k/v) or MLP block (gate/up) with those linears fake-quantized."""
-    for group in scale_groups(cfg):
+    attention block (q/k/v) or MLP block (gate/up) with those linears fake-quantized.
+    ``shared_v``: see ``QuantizeOptions.awq_o_scales``."""
+    for group in scale_groups(cfg, shared_v):
         weights = [t[n + ".weight"] for n in group.linears]
         x_mean_abs = stats.mean_abs(_INPUT_OF[group.linears[0]])
         if group.linears in stats.blocks:
@@ -286,7 +290,8 @@ def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
                                           stats.inputs[group.linears[0]])
             s = awq.search_scale_by(loss, x_mean_abs, weights, scheme)
         else:
-            s = awq.search_scale([C[n] for n in group.linears], x_mean_abs, weights, scheme)
+            s = awq.search_scale([C[n] for n in group.linears], x_mean_abs, weights, scheme,
+                                 foldable=group.foldable)
         fold_scales(t, group, s)
         for n in group.linears:
             C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s

@@ -172,9 +172,9 @@ def test_folding_scales_preserves_the_layer_function(tiny_model_factory, arch):
     x = torch.randn(2, 10, cfg.hidden_size, dtype=torch.float64)
     cos, sin = rotary_cos_sin(torch.arange(10), rope_inv_freq(cfg), torch.float64)
     before = layer_forward(cfg, t, x, cos, sin)
-    for group in scale_groups(cfg):
+    for group in scale_groups(cfg, shared_v=True):  # o_proj's group too, under GQA
         k = t[group.linears[0] + ".weight"].shape[1]
-        fold_scales(t, group, torch.rand(k, dtype=torch.float64) * 4 + 0.25)
+        fold_scales(t, group, group.foldable(torch.rand(k, dtype=torch.float64) * 4 + 0.25))
     torch.testing.assert_close(layer_forward(cfg, t, x, cos, sin), before, rtol=1e-10,
                                atol=1e-10)
 
@@ -243,6 +243,7 @@ CASES = {
     "gptq-w4-g32-actorder-mse-awqscales-trueseq": ("gptq", QuantScheme(4, 32, False)),
     "awq-w4-g32": ("awq", QuantScheme(4, 32, False)),
     "awq-w4-g32-blockloss": ("awq", QuantScheme(4, 32, False)),
+    "awq-w4-g32-oscales": ("awq", QuantScheme(4, 32, False)),
     "smoothquant-w8a8": ("smoothquant", QuantScheme(8, -1, True, act_bits=8)),
 }
 
@@ -260,7 +261,8 @@ def quantized_tiny(tiny_model_factory, calib_file, tmp_path_factory):
                                       calib_seqlen=64, act_order="actorder" in case,
                                       mse="mse" in case, awq_scales="awqscales" in case,
                                       true_sequential="trueseq" in case,
-                                      awq_block_loss="blockloss" in case)
+                                      awq_block_loss="blockloss" in case,
+                                      awq_o_scales="oscales" in case)
             quantize_checkpoint(str(tiny_model_factory("llama")), out, options, progress=False)
             cache[case] = out
         return cache[case]
