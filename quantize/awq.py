@@ -107,12 +107,18 @@ def _normalised_weight_magnitude(w: torch.Tensor, scheme: QuantScheme) -> torch.
 
 
 def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, layer: str,
-                grid: int = 20, max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+                grid: int = 20, max_shrink: float = 0.5, sweeps: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (output channel, group) clipping bounds (lo, hi), each [N, G, 1], minimising each
     group's contribution to the output error (inputs' second moment ``C`` [K, K] or
     [R, K, K]). Candidates: AutoAWQ's symmetric bounds +-max|w| * p for p = 1, 1 - 1 / grid,
     ... down to 1 - max_shrink; for asymmetric schemes also [min, max] * p, which shrinks
-    both ends of the group's range where the symmetric bound first shrinks the longer one."""
+    both ends of the group's range where the symmetric bound first shrinks the longer one.
+
+    The group's own contribution ignores how its error combines with the other groups' in
+    the same output channel (C's blocks between groups). ``sweeps`` passes of coordinate
+    descent then re-choose each group's bounds for the channel's whole output error, the
+    other groups' choices fixed; each choice can only lower it."""
     N, K = weight.shape
     gs = scheme.group_size_for(K, layer)
     G = K // gs
@@ -123,19 +129,51 @@ def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, laye
     w = weight.view(N, G, gs)
     org_max = w.abs().amax(-1, keepdim=True)  # [N, G, 1]
     w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    best_lo, best_hi = -org_max, org_max.clone()
-    best_err = torch.full_like(org_max, float("inf"))
-    for step in range(int(max_shrink * grid)):
-        p = 1 - step / grid
-        for lo, hi in [(-org_max * p, org_max * p)] + ([] if scheme.sym else
-                                                        [(w_min * p, w_max * p)]):
-            wq = fake_quantize(torch.clamp(w, lo, hi).view(N, K), scheme).view(N, G, gs)
-            delta = (w - wq).view(R, N // R, G, gs)
-            err = torch.einsum("rngk,rgkl,rngl->rng", delta, C_groups, delta).reshape(N, G, 1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+    bounds = [(-org_max * p, org_max * p) for p in
+              (1 - step / grid for step in range(int(max_shrink * grid)))]
+    if not scheme.sym:
+        bounds += [(w_min * p, w_max * p) for p in
+                   (1 - step / grid for step in range(1, int(max_shrink * grid)))]
+    lo, hi = torch.stack([b[0] for b in bounds]), torch.stack([b[1] for b in bounds])
+    best = torch.zeros(N, G, dtype=torch.long)  # index into bounds per (channel, group)
+    best_err = torch.full((N, G), float("inf"))
+    deltas = []  # each candidate's weight error [N, G, gs], kept for the sweeps
+    for m in range(len(bounds)):
+        wq = fake_quantize(torch.clamp(w, lo[m], hi[m]).view(N, K), scheme).view(N, G, gs)
+        delta = w - wq
+        err = torch.einsum("rngk,rgkl,rngl->rng", delta.view(R, N // R, G, gs), C_groups,
+                           delta.view(R, N // R, G, gs)).reshape(N, G)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, m, best)
+        if sweeps:
+            deltas.append(delta)
+    if sweeps:
+        best = _clip_sweeps(torch.stack(deltas), best, C, sweeps)
+    pick = best[None, :, :, None]
+    return lo.gather(0, pick)[0], hi.gather(0, pick)[0]
+
+
+def _clip_sweeps(deltas: torch.Tensor, best: torch.Tensor, C: torch.Tensor, sweeps: int
+                 ) -> torch.Tensor:
+    """Coordinate descent for ``search_clip``: deltas [M, N, G, gs] (each candidate's weight
+    error), best [N, G] (the chosen candidate), C [R, K, K]. Returns the new choice."""
+    M, N, G, gs = deltas.shape
+    R = C.shape[0]
+    rows = torch.arange(N)
+    delta = deltas[best, rows[:, None], torch.arange(G)]  # [N, G, gs]: the current error
+    for _ in range(sweeps):
+        for g in range(G):
+            cols = slice(g * gs, (g + 1) * gs)
+            others = delta.clone()
+            others[:, g] = 0
+            # the other groups' error as seen through C's columns of group g: [N, gs]
+            cross = (others.view(R, N // R, G * gs) @ C[:, :, cols]).view(N, gs)
+            d = deltas[:, :, g].reshape(M, R, N // R, gs)
+            own = ((d @ C[:, cols, cols]) * d).sum(-1).view(M, N)
+            err = own + 2 * (deltas[:, :, g] * cross).sum(-1)  # [M, N]
+            best[:, g] = err.argmin(0)
+            delta[:, g] = deltas[best[:, g], rows, g]
+    return best
 
 
 def apply_clip(weight: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

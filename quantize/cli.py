@@ -41,6 +41,10 @@ def register(sub) -> None:
                    help="AWQ (and GPTQ's AWQ scales): under grouped-query attention also "
                         "search o_proj's input scales, one per v_proj row, folded into v_proj "
                         "(default: off)")
+    p.add_argument("--awq-clip-sweeps", type=int, default=0,
+                   help="AWQ: after the clip search, passes re-choosing each group's clip "
+                        "for its output channel's whole error, the other groups fixed "
+                        "(default: 0)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
@@ -70,7 +74,8 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            act_order=args.act_order, damp=args.damp, mse=args.mse,
                            awq_scales=args.awq_scales,
                            awq_block_loss=args.awq_block_loss,
-                           awq_o_scales=args.awq_o_scales, true_sequential=args.true_sequential,
+                           awq_o_scales=args.awq_o_scales,
+                           awq_clip_sweeps=args.awq_clip_sweeps, true_sequential=args.true_sequential,
                            alpha=args.alpha)
 
 

@@ -69,6 +69,9 @@ class QuantizeOptions:
     # AWQ (and GPTQ's awq_scales): under GQA also search o_proj's input scales, one per v row
     # (shared by the query heads reading it), folded into v_proj (quantize.smoothing).
     awq_o_scales: bool = False
+    # AWQ: coordinate-descent passes over each channel's groups after the clip search, for
+    # the channel's whole output error (awq.search_clip's sweeps)
+    awq_clip_sweeps: int = 0
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -268,7 +271,8 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     for n in LINEARS:
         w = t[n + ".weight"]
         if n not in ("self_attn.q_proj", "self_attn.k_proj"):
-            w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}"))
+            w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
+                                                  sweeps=options.awq_clip_sweeps))
         q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
     return q
 

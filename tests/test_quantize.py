@@ -164,6 +164,24 @@ def test_awq_clip_search_never_increases_group_error():
     assert output_error(x, w, clipped) <= output_error(x, w, fake_quantize(w, scheme)) + 1e-9
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_awq_clip_sweeps_lower_the_whole_output_error(blocks):
+    # The plain search weighs each group alone; the sweeps account for how groups' errors
+    # combine in one output channel (C's off-diagonal blocks), so they can only do better.
+    x = correlated_inputs(k=256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(6))
+    C = torch.stack([x.t() @ x / len(x) * (1 + b) for b in range(blocks)])
+    scheme = QuantScheme(4, 64, sym=False)
+
+    def error(sweeps):
+        bounds = search_clip(C, w, scheme, "l", sweeps=sweeps)
+        delta = (w - fake_quantize(apply_clip(w, bounds), scheme)).view(blocks, -1, 256)
+        return ((delta @ C) * delta).sum()
+
+    assert error(1) < error(0)
+    assert error(2) <= error(1) + 1e-6
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_folding_scales_preserves_the_layer_function(tiny_model_factory, arch):
     weights = load_weights(tiny_model_factory(arch))
