@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quantization", default=None, help="e.g. w4a16-g128-sym")
+    ap.add_argument("--cublas-only", action="store_true",
+                    help="dense linears through cuBLAS at one row too (no dense_gemv): A/B")
     args = ap.parse_args(argv)
     bs = 16
     weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
                           engine="fast", device="cuda", dtype=torch.float16)
     runner = FastRunner(config, weights)
     del weights
+    if args.cublas_only:
+        for layer in runner.model.layers:
+            for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                linear.row_gemv = False
     runner.allocate_kv_cache(blocks)
     batch = decode_batch(args.batch, args.context, bs)
     wall_ms = triton.testing.do_bench(lambda: runner.execute(batch), warmup=10, rep=100)
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|")
     for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:20]:
         print(f"| {name[:70]} | {calls:.0f} | {us:.0f} | {us / total_us:.1%} |")
-    print(f"kernels {total_us / 1e3:.3f} ms per step; replay wall {wall_ms:.3f} ms per step; "
+    print(f"kernels {total_us / 1e3:.3f} ms per step; replay wall {wall_ms:.3f} ms per step "
+          f"({args.batch / wall_ms * 1e3:.1f} tok/s); "
           f"between kernels {wall_ms - total_us / 1e3:.3f} ms")
 
 

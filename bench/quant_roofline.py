@@ -54,7 +54,7 @@ def measure(weights: ModelWeights, batches, context, prefill, bw) -> dict:
     from engine_fast.runner import FastRunner
 
     cfg, bs = weights.config, 16
-    max_blocks = max(batches) * -(-context // bs) + 1
+    max_blocks = max(max(batches) * -(-context // bs), -(-prefill // bs)) + 1
     config = EngineConfig(model=cfg, cache=CacheConfig(block_size=bs, num_kv_blocks=max_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max(batches),
                                                     max_model_len=max(context, prefill)),

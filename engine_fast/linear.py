@@ -1,5 +1,6 @@
-"""FastLinear: one GEMM of engine_fast, cuBLAS for dense weights and the Triton quantized
-GEMMs of kernels/quant_matmul.py for quantized ones (repacked once, at load time)."""
+"""FastLinear: one GEMM of engine_fast, cuBLAS for dense weights (the Triton GEMV of
+kernels/dense_gemv.py for one row where it measured faster) and the Triton quantized GEMMs of
+kernels/quant_matmul.py for quantized ones (repacked once, at load time)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.dense_gemv import dense_gemv
 from kernels.quant_matmul import PreparedQuantWeight, prepare_quant_weight, quant_linear
 from twinfer.quant import QuantizedWeight
 from twinfer.weights import ModelWeights, WeightsError
@@ -21,6 +23,7 @@ class FastLinear:
     quantized: PreparedQuantWeight | None
     bias: torch.Tensor | None = None
     input_perm: torch.Tensor | None = None  # act-order: gather x's columns into group order
+    row_gemv: bool = False  # one row of x: dense_gemv instead of cuBLAS (see gemv_beats_cublas)
 
     @property
     def nbytes(self) -> int:
@@ -31,10 +34,19 @@ class FastLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is None:
+            if self.row_gemv and x.shape[0] == 1:
+                return dense_gemv(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         if self.input_perm is not None:
             x = x[:, self.input_perm]
         return quant_linear(x, self.quantized, self.bias)
+
+
+def gemv_beats_cublas(n: int, k: int, device: torch.device) -> bool:
+    """Whether dense_gemv beats cuBLAS for one row of x and an [n, k] weight: o_proj-sized
+    weights, where cuBLAS splits K and reduces in a second kernel (H200: 13.1 against 15.2 us
+    at 4096 x 4096; even at the fused qkv and above, so cuBLAS keeps those)."""
+    return device.type == "cuda" and n * k <= 4096 * 4096
 
 
 def build_fast_linear(weights: ModelWeights, prefixes: list[str], device: torch.device,
@@ -47,7 +59,7 @@ def build_fast_linear(weights: ModelWeights, prefixes: list[str], device: torch.
     quantized = [weights.quantized_linear(p) for p in prefixes]
     if all(q is None for q in quantized):
         w = torch.cat([load(p + ".weight") for p in prefixes]).contiguous()
-        return FastLinear(w, None, b)
+        return FastLinear(w, None, b, row_gemv=gemv_beats_cublas(*w.shape, device))
     if any(q is None for q in quantized):
         raise WeightsError(f"{weights.source}: {', '.join(prefixes)} mix quantized and dense "
                            "weights; engine_fast fuses them into one GEMM")

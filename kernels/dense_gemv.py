@@ -40,9 +40,9 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               block_n: int = 16, block_k: int = 256, num_warps: int = 4) -> torch.Tensor:
+               block_n: int = 8, block_k: int = 512, num_warps: int = 8) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias) for few rows M (one program row per x row), in
-    x's dtype, accumulated in float32."""
+    x's dtype, accumulated in float32. Default tile: the H200 sweep's best at 4096 x 4096."""
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] != K or weight.stride(1) != 1 or x.stride(1) != 1:

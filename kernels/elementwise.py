@@ -37,10 +37,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x)
     res = residual if residual is not None else x
+    # One program per row: at decode's few rows the kernel is latency-bound, and more warps
+    # (8 for hidden 4096) shorten each row's load-reduce-store chain.
+    block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows,)](x, res, weight, out, residual_out, eps, x.stride(0),
                               res.stride(0), out.stride(0), residual_out.stride(0), n,
-                              HAS_RESIDUAL=residual is not None,
-                              BLOCK=triton.next_power_of_2(n))
+                              HAS_RESIDUAL=residual is not None, BLOCK=block,
+                              num_warps=min(16, max(4, block // 512)))
     return out, residual_out
 
 

@@ -137,14 +137,24 @@ fma.rn.f16x2 $0, z2, c, d;
 
 
 @triton.jit
+def _fence_gpu(t):
+    """fence.acq_rel.gpu in every thread holding elements of ``t``."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.u32 $0, 0;", "=r,r", [t],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def gemv_half2_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, part_ptr, out_ptr, counters_ptr,
+    M, N, K, k_per_split, num_splits, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSED_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # x_ptr: x [M, K] fp16 viewed as int32 [M, K / 2] (stride_xm in pairs); qw_ptr: the codes
-    # viewed as int32 [N, K / PER_WORD]. Grid and split-K partials as in _gemv_kernel.
+    # viewed as int32 [N, K / PER_WORD]. Grid as in _gemv_kernel. Split-K programs write
+    # float32 partials [SPLIT, M, N] to part_ptr; without FUSED_SPLITS a second kernel adds
+    # them, with it each tile's last program to finish (counted in counters_ptr, one int32 per
+    # tile, left at zero) adds them in split order, so the result stays deterministic.
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     row, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -190,8 +200,28 @@ def gemv_half2_kernel(
                 dtype=tl.float32, is_pure=True, pack=1)
             acc2 += part * (s * 1024.0)[:, None]  # undo (q - z) / 256 and x / 4
     acc = tl.sum(acc2, axis=1)
-    out_ptr += split * stride_os + row * stride_om
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    if FUSED_SPLITS:
+        part_row = part_ptr + row * stride_om + offs_n
+        tl.store(part_row + split * stride_os, acc, mask=offs_n < N)
+        # As CUDA's threadFenceReduction: every thread fences its partial GPU-wide, the block
+        # syncs, then one atomic counts the tile (acq_rel: the last program's reads below see
+        # the other programs' partials).
+        _fence_gpu(acc)
+        tl.debug_barrier()
+        tile = counters_ptr + row * tl.num_programs(1) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            for s in range(num_splits):
+                acc += tl.load(part_row + s * stride_os, mask=offs_n < N, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty),
+                     mask=offs_n < N)
+            tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(part_ptr + split * stride_os + row * stride_om + offs_n,
+                 acc.to(part_ptr.dtype.element_ty), mask=offs_n < N)
 

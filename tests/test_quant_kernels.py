@@ -10,6 +10,8 @@ apart), so it meets the same bounds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -218,6 +220,22 @@ def test_half2_gemv_matches_reference_on_gpu(bits, group_size, sym, k, n, block_
     config = KernelConfig("gemv_h2", 1, block_n, 256, split_k=split_k)
     out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias, config=config)
     assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA (inline PTX)")
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["last-program-sums", "sum-kernel"])
+def test_half2_gemv_split_k_is_deterministic_and_leaves_counters_at_zero(in_kernel):
+    w = prepare_quant_weight(random_quantized(4096, 4096, QuantScheme(4, 128, False), seed=9),
+                             torch.float16)
+    if not in_kernel:
+        w = dataclasses.replace(w, split_counters=None)
+    x = random_x(1, 4096, torch.float16, seed=10)
+    config = KernelConfig("gemv_h2", 1, 32, 256, split_k=16)
+    first = quant_linear(x, w, config=config)
+    for _ in range(20):
+        assert torch.equal(quant_linear(x, w, config=config), first)
+    assert w.split_counters is None or int(w.split_counters.abs().sum()) == 0
 
 
 @pytest.mark.gpu

@@ -381,6 +381,23 @@ def test_engine_fast_computes_what_engine_torch_computes_on_quantized_checkpoint
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_fast_fp16_on_quantized_checkpoints_matches_engine_torch_on_gpu(
+        quantized_tiny, case):
+    """fp16 on CUDA: the half2 GEMV for decode rows, the tensor-core kernels for prefill, CUDA
+    graphs; both engines round activations to fp16 at different points (as in
+    test_fast_parity), so the bound is 1e-2 of the logits' scale."""
+    qdir = quantized_tiny(case)
+    decode = [[3, 4, 5, 6], [7]]  # the second sequence stops first: one-row decode steps
+    torch_logits = collect_logits(qdir, PROMPTS, 5, decode, device="cuda", dtype=torch.float16)
+    fast_logits = collect_logits(qdir, PROMPTS, 5, decode, device="cuda", dtype=torch.float16,
+                                 engine="fast")
+    for a, b in zip(torch_logits, fast_logits):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-2 * max(1.0, a.abs().max().item()))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_awq_block_loss_scales_give_no_larger_attention_error_than_linear_loss(
         tiny_model_factory, arch):
