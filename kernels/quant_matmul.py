@@ -25,7 +25,8 @@ picks a kernel by M, the rows of x, with thresholds from H100 sweeps (``choose_c
 Invariants: BLOCK_K divides the group size (so a K tile lies in one group) and K; split
 boundaries fall on BLOCK_K; out-of-range rows and channels are clamped on load (recomputing a
 valid one) and masked on store. Split-K programs write float32 partials [SPLIT, M, N] that
-``_sum_splits_kernel`` adds (with the bias) into the output, so results are deterministic.
+``_sum_splits_kernel`` adds (with the bias) into the output, so results are deterministic; the
+half2 GEMV adds its own, in its last program per tile (``split_counters``), in split order.
 """
 
 from __future__ import annotations
