@@ -36,6 +36,13 @@ mul.rn.f16x2 $0, $0, quarter;
 mul.rn.f16x2 $1, $1, quarter;
 }""")
 
+# The end of both dot products: the half2 accumulator's two lanes, summed in float32, into $0.
+_LANES_TO_F32 = """mov.b32 {l, h}, acc;
+cvt.f32.f16 f0, l;
+cvt.f32.f16 f1, h;
+add.f32 $0, f0, f1;
+"""
+
 # $1: word of eight 4-bit codes; $2..$5: x pairs (k, k + 4) / 4 for k = 0..3; $6 / $7: the
 # pairs -(64 + z / 16) and -(4 + z / 16). Low nibbles of each byte become 1024 + q, high ones
 # 1024 + 16 q; the FMAs by 1/16 (0x2C00) and 1/256 (0x1C00) turn both into (q - z) / 16.
@@ -58,11 +65,7 @@ mul.rn.f16x2 acc, a0, $2;
 fma.rn.f16x2 acc, a1, $3, acc;
 fma.rn.f16x2 acc, a2, $4, acc;
 fma.rn.f16x2 acc, a3, $5, acc;
-mov.b32 {l, h}, acc;
-cvt.f32.f16 f0, l;
-cvt.f32.f16 f1, h;
-add.f32 $0, f0, f1;
-}""")
+""" + _LANES_TO_F32 + "}")
 
 # $1: word of four 8-bit codes; $2 / $3: x pairs (0, 2) / 4 and (1, 3) / 4; $4: the pair
 # -(4 + z / 256). Bytes become 1024 + q; the FMA by 1/256 makes (q - z) / 256.
@@ -78,11 +81,7 @@ fma.rn.f16x2 a0, a0, c256, $4;
 fma.rn.f16x2 a1, a1, c256, $4;
 mul.rn.f16x2 acc, a0, $2;
 fma.rn.f16x2 acc, a1, $3, acc;
-mov.b32 {l, h}, acc;
-cvt.f32.f16 f0, l;
-cvt.f32.f16 f1, h;
-add.f32 $0, f0, f1;
-}""")
+""" + _LANES_TO_F32 + "}")
 
 
 @triton.jit
