@@ -107,13 +107,14 @@ def _normalised_weight_magnitude(w: torch.Tensor, scheme: QuantScheme) -> torch.
 
 
 def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, layer: str,
-                grid: int = 20, max_shrink: float = 0.5, sweeps: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                grid: int = 20, max_shrink: float = 0.5, sweeps: int = 0,
+                both_ends: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (output channel, group) clipping bounds (lo, hi), each [N, G, 1], minimising each
     group's contribution to the output error (inputs' second moment ``C`` [K, K] or
     [R, K, K]). Candidates: AutoAWQ's symmetric bounds +-max|w| * p for p = 1, 1 - 1 / grid,
     ... down to 1 - max_shrink; for asymmetric schemes also [min, max] * p, which shrinks
-    both ends of the group's range where the symmetric bound first shrinks the longer one.
+    both ends of the group's range where the symmetric bound first shrinks the longer one,
+    and with ``both_ends`` [min * p, max * p'] for every pair (p, p') on the grid.
 
     The group's own contribution ignores how its error combines with the other groups' in
     the same output channel (C's blocks between groups). ``sweeps`` passes of coordinate
@@ -129,11 +130,11 @@ def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, laye
     w = weight.view(N, G, gs)
     org_max = w.abs().amax(-1, keepdim=True)  # [N, G, 1]
     w_min, w_max = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    bounds = [(-org_max * p, org_max * p) for p in
-              (1 - step / grid for step in range(int(max_shrink * grid)))]
+    shrink = [1 - step / grid for step in range(int(max_shrink * grid))]
+    bounds = [(-org_max * p, org_max * p) for p in shrink]
     if not scheme.sym:
-        bounds += [(w_min * p, w_max * p) for p in
-                   (1 - step / grid for step in range(1, int(max_shrink * grid)))]
+        bounds += [(w_min * p_lo, w_max * p_hi) for p_lo in shrink for p_hi in shrink
+                   if (p_lo, p_hi) != (1, 1) and (both_ends or p_lo == p_hi)]
     lo, hi = torch.stack([b[0] for b in bounds]), torch.stack([b[1] for b in bounds])
     best = torch.zeros(N, G, dtype=torch.long)  # index into bounds per (channel, group)
     best_err = torch.full((N, G), float("inf"))

@@ -45,6 +45,10 @@ def register(sub) -> None:
                    help="AWQ: after the clip search, passes re-choosing each group's clip "
                         "for its output channel's whole error, the other groups fixed "
                         "(default: 0)")
+    p.add_argument("--awq-clip-both-ends", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="AWQ: clip candidates also shrink a group's min and max by different "
+                        "factors (default: off)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
@@ -75,7 +79,8 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            awq_scales=args.awq_scales,
                            awq_block_loss=args.awq_block_loss,
                            awq_o_scales=args.awq_o_scales,
-                           awq_clip_sweeps=args.awq_clip_sweeps, true_sequential=args.true_sequential,
+                           awq_clip_sweeps=args.awq_clip_sweeps,
+                           awq_clip_both_ends=args.awq_clip_both_ends, true_sequential=args.true_sequential,
                            alpha=args.alpha)
 
 

@@ -72,6 +72,7 @@ class QuantizeOptions:
     # AWQ: coordinate-descent passes over each channel's groups after the clip search, for
     # the channel's whole output error (awq.search_clip's sweeps)
     awq_clip_sweeps: int = 0
+    awq_clip_both_ends: bool = False  # AWQ: clip candidates shrink min and max independently
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -272,7 +273,8 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
         w = t[n + ".weight"]
         if n not in ("self_attn.q_proj", "self_attn.k_proj"):
             w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
-                                                  sweeps=options.awq_clip_sweeps))
+                                                  sweeps=options.awq_clip_sweeps,
+                                                  both_ends=options.awq_clip_both_ends))
         q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
     return q
 

@@ -182,6 +182,18 @@ def test_awq_clip_sweeps_lower_the_whole_output_error(blocks):
     assert error(2) <= error(1) + 1e-6
 
 
+def test_awq_clip_both_ends_lowers_the_output_error():
+    # Shrinking min and max by different factors is a superset of the diagonal candidates.
+    x = correlated_inputs(k=256)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(7))
+    C = x.t() @ x / len(x)
+    scheme = QuantScheme(4, 64, sym=False)
+    clipped = {both: fake_quantize(apply_clip(w, search_clip(C, w, scheme, "l",
+                                                            both_ends=both)), scheme)
+               for both in (False, True)}
+    assert output_error(x, w, clipped[True]) < output_error(x, w, clipped[False])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_folding_scales_preserves_the_layer_function(tiny_model_factory, arch):
     weights = load_weights(tiny_model_factory(arch))
