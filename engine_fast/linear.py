@@ -4,6 +4,7 @@ kernels/quant_matmul.py for quantized ones (repacked once, at load time)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,20 @@ class FastLinear:
         if self.input_perm is not None:
             x = x[:, self.input_perm]
         return quant_linear(x, self.quantized, self.bias)
+
+    def permute_outputs(self, perm: torch.Tensor) -> None:
+        """Reorder the output features, y[:, j] <- y[:, perm[j]] (weight rows, scales, zeros
+        and bias alike), so that a following act-order linear gets its input in group order
+        without a gather."""
+        if self.quantized is None:
+            self.weight = self.weight[perm].contiguous()
+        else:
+            q = self.quantized
+            self.quantized = dataclasses.replace(
+                q, qweight=q.qweight[perm].contiguous(), scales=q.scales[perm].contiguous(),
+                zeros=None if q.zeros is None else q.zeros[perm].contiguous())
+        if self.bias is not None:
+            self.bias = self.bias[perm].contiguous()
 
 
 def gemv_beats_cublas(n: int, k: int, device: torch.device) -> bool:

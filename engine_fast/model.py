@@ -31,6 +31,25 @@ class FastLayer:
     post_attention_norm: torch.Tensor
     gate_up_proj: FastLinear  # [2 I, hidden]: gate rows then up rows, one GEMM
     down_proj: FastLinear
+    # Act-order checkpoints: the norms write their outputs in the group order of the linear
+    # after them (see fold_act_order_gathers).
+    input_norm_perm: torch.Tensor | None = None
+    post_attention_norm_perm: torch.Tensor | None = None
+
+
+def fold_act_order_gathers(layer: FastLayer, intermediate_size: int) -> None:
+    """Act-order linears read their input columns in group order, x[:, perm]: a gather kernel
+    before each call. Three of a layer's four are folded away: the norm before qkv and the one
+    before gate/up write their outputs permuted, and gate/up's output rows are permuted so
+    that silu(gate) * up comes out in down's order. o_proj (input: attention heads, whose
+    channel order the attention fixes) keeps its gather."""
+    layer.input_norm_perm, layer.qkv_proj.input_perm = layer.qkv_proj.input_perm, None
+    layer.post_attention_norm_perm = layer.gate_up_proj.input_perm
+    layer.gate_up_proj.input_perm = None
+    perm = layer.down_proj.input_perm
+    if perm is not None:
+        layer.gate_up_proj.permute_outputs(torch.cat([perm, perm + intermediate_size]))
+        layer.down_proj.input_perm = None
 
 
 class FastLlama:
@@ -60,6 +79,7 @@ class FastLlama:
                 gate_up_proj=linear(p + "mlp.gate_proj", p + "mlp.up_proj"),
                 down_proj=linear(p + "mlp.down_proj"),
             ))
+            fold_act_order_gathers(self.layers[-1], cfg.intermediate_size)
         self.norm = t("model.norm.weight")
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t("lm_head.weight")
         self.inv_freq = rope_inv_freq(cfg).to(device)
@@ -74,7 +94,7 @@ class FastLlama:
         x = self.embed_tokens[meta.input_ids]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h, residual = rms_norm(x, layer.input_norm, eps, residual)
+            h, residual = rms_norm(x, layer.input_norm, eps, residual, layer.input_norm_perm)
             qkv = layer.qkv_proj(h)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
@@ -91,7 +111,8 @@ class FastLlama:
                                       meta.query_start_loc, meta.context_lens,
                                       meta.query_lens_cpu, D ** -0.5, cfg.sliding_window)
             x = layer.o_proj(o.view(T, H * D))
-            h, residual = rms_norm(x, layer.post_attention_norm, eps, residual)
+            h, residual = rms_norm(x, layer.post_attention_norm, eps, residual,
+                                   layer.post_attention_norm_perm)
             x = layer.down_proj(silu_and_mul(layer.gate_up_proj(h)))
         return rms_norm(x, self.norm, eps, residual)[0]
 

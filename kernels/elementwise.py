@@ -8,28 +8,43 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
-                     stride_x, stride_r, stride_o, stride_ro, N,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
+def _residual_sum(x_ptr, residual_ptr, row, stride_x, stride_r, cols, mask,
+                  HAS_RESIDUAL: tl.constexpr, DTYPE: tl.constexpr):
+    """x + residual at columns ``cols``, rounded to the model dtype as the unfused code does."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    # The sum in the residual stream is rounded to the model dtype, as the unfused code does.
-    x = x.to(out_ptr.dtype.element_ty)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, perm_ptr, out_ptr, residual_out_ptr, eps,
+                     stride_x, stride_r, stride_o, stride_ro, N,
+                     HAS_RESIDUAL: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    dtype = out_ptr.dtype.element_ty
+    x = _residual_sum(x_ptr, residual_ptr, row, stride_x, stride_r, cols, mask, HAS_RESIDUAL,
+                      dtype)
     tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+    if HAS_PERM:  # out[j] = norm[perm[j]]: gathered again (cache-hot) rather than shuffled
+        cols = tl.load(perm_ptr + cols, mask=mask, other=0)
+        xf = _residual_sum(x_ptr, residual_ptr, row, stride_x, stride_r, cols, mask,
+                           HAS_RESIDUAL, dtype).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    y = (xf * rstd).to(out_ptr.dtype.element_ty) * w
-    tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
+    y = (xf * rstd).to(dtype) * w
+    tl.store(out_ptr + row * stride_o + tl.arange(0, BLOCK), y, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual) * weight, x + residual) over the last dim of x [rows, N]."""
+             residual: torch.Tensor | None = None, out_perm: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual) over the last dim of x [rows, N]. With
+    ``out_perm`` [N] the first is returned with its columns gathered, ``[:, out_perm]`` (the
+    input order an act-order linear after the norm wants), without another kernel."""
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
         raise ValueError(f"rms_norm wants x [rows, N] contiguous in N and weight [N]; got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -40,9 +55,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     # One program per row: at decode's few rows the kernel is latency-bound, and more warps
     # (8 for hidden 4096) shorten each row's load-reduce-store chain.
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(rows,)](x, res, weight, out, residual_out, eps, x.stride(0),
+    if out_perm is not None and out_perm.shape != (n,):
+        raise ValueError(f"out_perm must be [{n}], got {tuple(out_perm.shape)}")
+    perm = out_perm if out_perm is not None else weight  # never read without HAS_PERM
+    _rms_norm_kernel[(rows,)](x, res, weight, perm, out, residual_out, eps, x.stride(0),
                               res.stride(0), out.stride(0), residual_out.stride(0), n,
-                              HAS_RESIDUAL=residual is not None, BLOCK=block,
+                              HAS_RESIDUAL=residual is not None,
+                              HAS_PERM=out_perm is not None, BLOCK=block,
                               num_warps=min(16, max(4, block // 512)))
     return out, residual_out
 

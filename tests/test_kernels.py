@@ -113,6 +113,19 @@ def test_rms_norm_matches_reference(dtype, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_can_return_its_output_columns_permuted(dtype, with_residual):
+    x = torch.randn(5, 72).to(DEVICE, dtype)
+    res = torch.randn(5, 72).to(DEVICE, dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(72)).to(DEVICE, dtype)
+    perm = torch.randperm(72, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    plain, plain_res = rms_norm(x, w, 1e-6, res)
+    out, new_res = rms_norm(x, w, 1e-6, res, out_perm=perm)
+    torch.testing.assert_close(out, plain[:, perm], atol=0, rtol=0)
+    torch.testing.assert_close(new_res, plain_res, atol=0, rtol=0)  # the stream is not permuted
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [5, 64, 1100])
 def test_silu_and_mul_matches_reference(dtype, n):
     x = torch.randn(4, 2 * n).to(DEVICE, dtype)

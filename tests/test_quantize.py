@@ -393,6 +393,19 @@ def test_engine_fast_computes_what_engine_torch_computes_on_quantized_checkpoint
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_engine_fast_folds_act_order_gathers_into_the_norms_and_gate_up(quantized_tiny):
+    from engine_fast.model import FastLlama
+
+    model = FastLlama(load_weights(quantized_tiny("gptq-w4-g32-sym-actorder")),
+                      torch.device("cpu"), torch.float32)
+    for layer in model.layers:
+        assert layer.input_norm_perm is not None
+        assert layer.post_attention_norm_perm is not None
+        assert [lin.input_perm is None for lin in (layer.qkv_proj, layer.o_proj,
+                                                   layer.gate_up_proj, layer.down_proj)] == [
+            True, False, True, True]  # only o_proj, after the attention, still gathers
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", list(CASES))
