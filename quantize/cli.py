@@ -49,6 +49,9 @@ def register(sub) -> None:
                    default=False,
                    help="AWQ: clip candidates also shrink a group's min and max by different "
                         "factors (default: off)")
+    p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=False,
+                   help="AWQ: search q_proj's and k_proj's clipping too (default: off, as in "
+                        "AutoAWQ: their errors pass through the softmax)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
@@ -80,7 +83,8 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            awq_block_loss=args.awq_block_loss,
                            awq_o_scales=args.awq_o_scales,
                            awq_clip_sweeps=args.awq_clip_sweeps,
-                           awq_clip_both_ends=args.awq_clip_both_ends, true_sequential=args.true_sequential,
+                           awq_clip_both_ends=args.awq_clip_both_ends,
+                           awq_clip_qk=args.awq_clip_qk, true_sequential=args.true_sequential,
                            alpha=args.alpha)
 
 

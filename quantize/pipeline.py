@@ -73,6 +73,7 @@ class QuantizeOptions:
     # the channel's whole output error (awq.search_clip's sweeps)
     awq_clip_sweeps: int = 0
     awq_clip_both_ends: bool = False  # AWQ: clip candidates shrink min and max independently
+    awq_clip_qk: bool = False  # AWQ: clip q_proj and k_proj too (AutoAWQ leaves them alone)
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -271,7 +272,7 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     q = {}
     for n in LINEARS:
         w = t[n + ".weight"]
-        if n not in ("self_attn.q_proj", "self_attn.k_proj"):
+        if options.awq_clip_qk or n not in ("self_attn.q_proj", "self_attn.k_proj"):
             w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
                                                   sweeps=options.awq_clip_sweeps,
                                                   both_ends=options.awq_clip_both_ends))
