@@ -1,12 +1,16 @@
 """AWQ (Lin et al., 2023): protect the weights that meet large activations.
 
 1. Scale search: for each group of linears sharing an input, try s = mean|x|^alpha over a
-   grid of alpha in [0, 1) and keep the one whose fake-quantized ``(W * s)`` gives outputs
-   closest to the full-precision ones on calibration tokens. s is then folded into the
-   producer of x (see ``quantize.smoothing``).
+   grid of alpha in [0, 1) (and AutoAWQ's "duo" mean|x|^a / mean|w|^(1-a)) and keep the one
+   whose fake-quantized ``(W * s)`` gives outputs closest to the full-precision ones on
+   calibration tokens: each linear's own output, or (``search_scale_by`` with
+   ``block_output_error``) the output of the whole attention / MLP block, AutoAWQ's loss.
+   s is then folded into the producer of x (see ``quantize.smoothing``).
 2. Clipping search: per output channel and group, shrink the weight range by up to half
-   (AutoAWQ's grid, plus both ends of the range together for asymmetric schemes) where that
-   lowers the group's contribution error on calibration tokens.
+   (AutoAWQ's grid, plus both ends of the range together for asymmetric schemes, optionally
+   each end by its own factor) where that lowers the group's contribution error on
+   calibration tokens; optional coordinate-descent sweeps then re-choose each group's range
+   for its channel's whole output error, cross terms between groups included.
    As in AutoAWQ, q_proj and k_proj keep their full range (their errors pass through softmax).
 
 Both errors are quadratic forms in the weight error: for inputs x with second moment
