@@ -11,7 +11,8 @@
    each end by its own factor) where that lowers the group's contribution error on
    calibration tokens; optional coordinate-descent sweeps then re-choose each group's range
    for its channel's whole output error, cross terms between groups included.
-   As in AutoAWQ, q_proj and k_proj keep their full range (their errors pass through softmax).
+   AutoAWQ leaves q_proj and k_proj unclipped (their errors pass through the softmax);
+   ``quantize.pipeline`` clips them too by default (measured better with the sweeps).
 
 Both errors are quadratic forms in the weight error: for inputs x with second moment
 C = E[x^T x], E||x (W - W_q)^T||^2 = sum_n (W - W_q)_n C (W - W_q)_n^T. Computing them from C

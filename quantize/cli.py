@@ -41,17 +41,17 @@ def register(sub) -> None:
                    help="AWQ (and GPTQ's AWQ scales): under grouped-query attention also "
                         "search o_proj's input scales, one per v_proj row, folded into v_proj "
                         "(default: off)")
-    p.add_argument("--awq-clip-sweeps", type=int, default=0,
+    p.add_argument("--awq-clip-sweeps", type=int, default=2,
                    help="AWQ: after the clip search, passes re-choosing each group's clip "
                         "for its output channel's whole error, the other groups fixed "
-                        "(default: 0)")
+                        "(default: 2)")
     p.add_argument("--awq-clip-both-ends", action=argparse.BooleanOptionalAction,
-                   default=False,
+                   default=True,
                    help="AWQ: clip candidates also shrink a group's min and max by different "
-                        "factors (default: off)")
-    p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=False,
-                   help="AWQ: search q_proj's and k_proj's clipping too (default: off, as in "
-                        "AutoAWQ: their errors pass through the softmax)")
+                        "factors (default: on)")
+    p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=True,
+                   help="AWQ: search q_proj's and k_proj's clipping too (default: on; AutoAWQ "
+                        "leaves them alone, their errors passing through the softmax)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
