@@ -1,7 +1,10 @@
 """The Llama-family forward pass on Triton kernels: fused QKV and gate/up projections,
 RMSNorm fused with the residual add, in-place rotary, paged attention kernels.
 
-Same math as engine_torch/model.py; the differences are only in how it is computed.
+Same math as engine_torch/model.py; the differences are only in how it is computed. Decode
+steps rotate and cache the new K/V inside the attention kernel; a one-row decode step with
+dense weights (batch-1 decode, the latency case) also folds the norms, the residual adds and
+SiLU-and-mul into the GEMVs: five kernels per layer instead of ten.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import torch.nn.functional as F
 
 from engine_fast.linear import FastLinear, build_fast_linear
 from engine_torch.layers import rope_inv_freq
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import NewKV, decode_attention
+from kernels.dense_gemv import dense_gemv
 from kernels.elementwise import rms_norm, silu_and_mul
 from kernels.prefill_attention import prefill_attention
 from kernels.rotary_kv import rotary_and_write_kv
@@ -83,6 +87,11 @@ class FastLlama:
         self.norm = t("model.norm.weight")
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t("lm_head.weight")
         self.inv_freq = rope_inv_freq(cfg).to(device)
+        # The fused one-row step (dense weights only: the quantized GEMVs have no norm / SiLU
+        # / residual fusion yet). On CUDA by default; tests turn it on under the interpreter.
+        self.fuse_one_row = device.type == "cuda" and all(
+            lin.quantized is None for layer in self.layers
+            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
 
     def forward(self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 decode_only: bool, num_splits: int = 1) -> torch.Tensor:
@@ -91,6 +100,8 @@ class FastLlama:
         cfg = self.config
         H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         T = meta.input_ids.shape[0]
+        if decode_only and T == 1 and self.fuse_one_row:
+            return self._forward_one_row(meta, kv_caches, num_splits)
         x = self.embed_tokens[meta.input_ids]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -101,12 +112,13 @@ class FastLlama:
             if cfg.qk_norm:
                 q = rms_norm(q.reshape(T * H, D), layer.q_norm, eps)[0].view(T, H, D)
                 k = rms_norm(k.reshape(T * Hkv, D), layer.k_norm, eps)[0].view(T, Hkv, D)
-            rotary_and_write_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache,
-                                meta.slot_mapping)
             if decode_only:
                 o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                     D ** -0.5, num_splits=num_splits)
+                                     D ** -0.5, num_splits=num_splits,
+                                     new_kv=self._new_kv(k, v, meta))
             else:
+                rotary_and_write_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache,
+                                    meta.slot_mapping)
                 o = prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                       meta.query_start_loc, meta.context_lens,
                                       meta.query_lens_cpu, D ** -0.5, cfg.sliding_window)
@@ -116,5 +128,37 @@ class FastLlama:
             x = layer.down_proj(silu_and_mul(layer.gate_up_proj(h)))
         return rms_norm(x, self.norm, eps, residual)[0]
 
+    def _forward_one_row(self, meta: AttentionMetadata,
+                         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                         num_splits: int) -> torch.Tensor:
+        """forward() for one decode row: h is the residual stream; each GEMV normalizes its
+        input (qkv, gate/up), applies SiLU-and-mul to it (down) or adds the residual to its
+        output (o, down) itself."""
+        cfg = self.config
+        H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        h = self.embed_tokens[meta.input_ids]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            qkv = _gemv(layer.qkv_proj, h, norm_weight=layer.input_norm, eps=eps)
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(1, H, D), k.view(1, Hkv, D), v.view(1, Hkv, D)
+            if cfg.qk_norm:
+                q = rms_norm(q.reshape(H, D), layer.q_norm, eps)[0].view(1, H, D)
+                k = rms_norm(k.reshape(Hkv, D), layer.k_norm, eps)[0].view(1, Hkv, D)
+            o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                 D ** -0.5, num_splits=num_splits,
+                                 new_kv=self._new_kv(k, v, meta))
+            h = _gemv(layer.o_proj, o.view(1, H * D), residual=h)
+            gate_up = _gemv(layer.gate_up_proj, h, norm_weight=layer.post_attention_norm,
+                            eps=eps)
+            h = _gemv(layer.down_proj, gate_up, silu=True, residual=h)
+        return rms_norm(h, self.norm, eps)[0]
+
+    def _new_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> NewKV:
+        return NewKV(k, v, meta.positions, self.inv_freq, meta.slot_mapping)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
+
+
+def _gemv(linear: FastLinear, x: torch.Tensor, **fused) -> torch.Tensor:
+    return dense_gemv(x, linear.weight, linear.bias, **fused)

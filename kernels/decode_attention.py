@@ -4,14 +4,48 @@ Grid (num_seqs, num_kv_heads, NUM_SPLITS): each program takes the GROUP query he
 share one KV head (so each K/V tile is read once for all of them) and one contiguous slice
 of the context; online softmax inside the slice, then ``_combine_splits_kernel`` merges the
 slices by their log-sum-exp. Splitting the context keeps the GPU busy when there are few
-sequences and long contexts. Sequences with context 0 (padding rows) produce zeros.
+sequences and long contexts; with one split the kernel writes the output itself. Sequences
+with context 0 (padding rows) produce zeros.
+
+With ``new_kv`` the kernel also does what kernels/rotary_kv.py does for a decode step: it
+rotates the queries (each program its own copy, in registers) and the program whose slice
+holds the newest position rotates that token's key and stores it and its value into the cache
+before reading the slice. One launch per layer fewer, which at batch-1 decode is worth more
+than the work it moves (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+
+
+@dataclass
+class NewKV:
+    """The decode step's new token per sequence, not yet rotated nor cached: k and v [B, Hkv,
+    D] (views into the qkv projection are fine), its positions [B], the rotary inverse
+    frequencies [D / 2] float32, and its cache slots [B] (-1: a padding row, nothing stored)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+@triton.jit
+def _rotated(ptr, pos, inv_freq_ptr, d, mask, HEAD_DIM: tl.constexpr):
+    """Rows at ``ptr`` (+ d along head_dim) rotated by ``pos``: HF's half-split pairs
+    (i, i + D/2), in float32, as kernels/rotary_kv.py computes them; 0 where not ``mask``."""
+    half: tl.constexpr = HEAD_DIM // 2
+    angle = pos * tl.load(inv_freq_ptr + d % half)
+    x = tl.load(ptr + d, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(ptr + (d + half) % HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    sign = tl.where(d < half, -1.0, 1.0)
+    return x * tl.cos(angle) + sign * partner * tl.sin(angle)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -22,14 +56,15 @@ def _precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    part_o_ptr, part_lse_ptr, scale,
-    stride_qb, stride_qh,
+    part_o_ptr, part_lse_ptr, out_ptr, scale,
+    k_new_ptr, v_new_ptr, positions_ptr, inv_freq_ptr, slot_ptr,
+    stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    stride_lb, stride_lh, stride_outb, stride_outh,
+    NEW_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -44,8 +79,26 @@ def _decode_attention_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
     gmask = g < GROUP
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None], other=0.0)  # [GROUP_PAD, D]
+    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    if NEW_KV:
+        pos = tl.load(positions_ptr + b).to(tl.float32)
+        q = _rotated(q_ptrs, pos, inv_freq_ptr, d[None, :], gmask[:, None], HEAD_DIM)
+        q = q.to(q_ptr.dtype.element_ty)
+        slot = tl.load(slot_ptr + b)
+        if (slot >= 0) & (start <= ctx - 1) & (ctx - 1 < end):  # this slice holds the new token
+            k_new = _rotated(k_new_ptr + b * stride_knb + kvh * stride_knh, pos, inv_freq_ptr,
+                             d, d < HEAD_DIM, HEAD_DIM)
+            v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d)
+            blk = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            tl.store(k_cache_ptr + blk * stride_kb + off * stride_ks + kvh * stride_kh + d,
+                     k_new.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + blk * stride_vb + off * stride_vs + kvh * stride_vh + d,
+                     v_new)
+        # The stores must be visible to the whole program before it reads its slice.
+        tl.debug_barrier()
+    else:
+        q = tl.load(q_ptrs + d[None, :], mask=gmask[:, None], other=0.0)  # [GROUP_PAD, D]
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -70,10 +123,14 @@ def _decode_attention_kernel(
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(part_o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
-             + d[None, :], o, mask=gmask[:, None])
-    tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
+                 + d[None, :], o, mask=gmask[:, None])
+        tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
 
 
 @triton.jit
@@ -101,9 +158,12 @@ def _combine_splits_kernel(
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     num_splits: int = 1, block_n: int = 64) -> torch.Tensor:
+                     num_splits: int = 1, block_n: int = 64,
+                     new_kv: NewKV | None = None) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
-    int32; context_lens: [B] int32 (0 for padding rows). Returns [B, H, D] in q's dtype."""
+    int32; context_lens: [B] int32 (0 for padding rows), counting the new token. Returns
+    [B, H, D] in q's dtype. With ``new_kv``, q is taken before rotary embedding and the new
+    token's K/V are rotated and cached here (see the module docstring); q is not modified."""
     B, H, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
@@ -116,26 +176,47 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("q and the caches must be contiguous in head_dim")
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("block_tables and context_lens must be int32")
+    if new_kv is not None:
+        _check_new_kv(new_kv, B, Hkv, D)
     block_n = max(16, min(block_n, 128))
     group = H // Hkv
-    part_o = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    # One split: the kernel writes ``out`` and the partials are never touched.
+    parts = (B, H, num_splits) if num_splits > 1 else (1, 1, 1)
+    part_o = torch.empty(*parts, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(*parts, dtype=torch.float32, device=q.device)
+    kv = new_kv or NewKV(q, q, context_lens, context_lens, context_lens)  # unread stand-ins
     _decode_attention_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, scale,
-        q.stride(0), q.stride(1),
+        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out, scale,
+        kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,
+        q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0),
+        kv.v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype),
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-    )
-    out = torch.empty_like(q)
-    _combine_splits_kernel[(B, H)](
-        part_o, part_lse, out,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        NEW_KV=new_kv is not None, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(B, H)](
+            part_o, part_lse, out,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
     return out
+
+
+def _check_new_kv(kv: NewKV, B: int, Hkv: int, D: int) -> None:
+    if kv.k.shape != (B, Hkv, D) or kv.v.shape != kv.k.shape:
+        raise ValueError(f"new k and v must be [{B}, {Hkv}, {D}], got {tuple(kv.k.shape)} and "
+                         f"{tuple(kv.v.shape)}")
+    if kv.k.stride(-1) != 1 or kv.v.stride(-1) != 1:
+        raise ValueError("new k and v must be contiguous in head_dim")
+    if kv.inv_freq.shape != (D // 2,) or kv.inv_freq.dtype != torch.float32:
+        raise ValueError("inv_freq must be float32 [head_dim / 2]")
+    if kv.positions.shape != (B,) or kv.slot_mapping.shape != (B,):
+        raise ValueError(f"positions and slot_mapping must be [{B}]")

@@ -1,4 +1,5 @@
-"""y = x W^T (+ b) for one row of x and a dense fp16 / bf16 weight: the batch-1 decode GEMV.
+"""y = x W^T (+ b) for one row of x and a dense fp16 / bf16 weight: the batch-1 decode GEMV,
+optionally with the ops around it fused in.
 
 Why not cuBLAS: at one row, cuBLAS streams the large projections at 93-99% of copy bandwidth,
 but the fused qkv (6144 x 4096) and o (4096 x 4096) run at 70-75%, and o and down add a
@@ -6,6 +7,16 @@ split-K reduction kernel each (H200 profile in bench/RESULTS.md). This kernel gi
 program BLOCK_N whole rows (no split-K, so no second kernel and no float32 partials), keeps a
 2-D [BLOCK_N, BLOCK_K] float32 partial that is reduced once after the K loop, and loads the
 next K tile before multiplying the current one.
+
+At batch-1 decode the small kernels between the GEMMs (RMSNorm, SiLU-and-mul, the residual
+add) cost more in launches than in bytes, so the GEMV can absorb them:
+- ``norm_weight``: the input is RMSNorm(x) * norm_weight. Every program computes the row's
+  rstd itself (one extra read of a few KB of x from L2, in one load) rather than waiting for a
+  separate kernel;
+- ``silu``: x is [gate | up] (2K columns) and the input is silu(gate) * up;
+- ``residual``: the output is y + residual (the residual stream's add of the next RMSNorm).
+Each rounds where the unfused kernels in kernels/elementwise.py round, so the fused values
+equal the unfused ones up to the order of rstd's float32 sum.
 """
 
 from __future__ import annotations
@@ -16,44 +27,98 @@ import triton.language as tl
 
 
 @triton.jit
-def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_om,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_input(xa, xb, rstd, NORM: tl.constexpr, SILU: tl.constexpr, DTYPE: tl.constexpr):
+    """The GEMV's input tile from its raw loads: xa = x (or gate), xb = the norm weight (or up)."""
+    if SILU:
+        gate = xa.to(tl.float32)
+        return (gate * tl.sigmoid(gate)).to(DTYPE) * xb
+    if NORM:
+        return (xa.to(tl.float32) * rstd).to(DTYPE) * xb
+    return xa
+
+
+@triton.jit
+def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr, N, K, eps,
+                       stride_xm, stride_wn, stride_rm, stride_om,
+                       HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       K_POW2: tl.constexpr):
     row, pid_n = tl.program_id(0), tl.program_id(1)
+    dtype = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + row * stride_xm + offs_k
+    # The second operand of each input tile: norm weight (NORM), up half of x (SILU), or x again.
+    xb_ptrs = x_ptrs
+    if NORM:
+        xb_ptrs = norm_w_ptr + offs_k
+    if SILU:
+        xb_ptrs = x_ptrs + K
+    rstd = 1.0
+    if NORM:
+        cols = tl.arange(0, K_POW2)
+        xs = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, 0) / K + eps)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     w_next = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
-    x_next = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
+    xa_next = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
+    xb_next = xa_next
+    if NORM or SILU:
+        xb_next = tl.load(xb_ptrs, mask=offs_k < K, other=0.0)
     for k0 in range(0, K, BLOCK_K):
-        w, x = w_next, x_next
+        w, xa, xb = w_next, xa_next, xb_next
         k1 = k0 + BLOCK_K
         w_next = tl.load(w_ptrs + k1, mask=offs_k[None, :] < K - k1, other=0.0)
-        x_next = tl.load(x_ptrs + k1, mask=offs_k < K - k1, other=0.0)
+        xa_next = tl.load(x_ptrs + k1, mask=offs_k < K - k1, other=0.0)
+        if NORM or SILU:
+            xb_next = tl.load(xb_ptrs + k1, mask=offs_k < K - k1, other=0.0)
+        x = _gemv_input(xa, xb, rstd, NORM, SILU, dtype)
         acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
     acc = tl.sum(acc2, axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty),
-             mask=offs_n < N)
+    y = acc.to(dtype)
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + row * stride_rm + offs_n, mask=offs_n < N, other=0.0)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + row * stride_om + offs_n, y, mask=offs_n < N)
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               block_n: int = 8, block_k: int = 512, num_warps: int = 8) -> torch.Tensor:
+               block_n: int = 8, block_k: int = 512, num_warps: int = 8, *,
+               norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias) for few rows M (one program row per x row), in
-    x's dtype, accumulated in float32. Default tile: the H200 sweep's best at 4096 x 4096."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K or weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError(f"dense_gemv wants x [M, K] and weight [N, K], both contiguous in K; "
-                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    x's dtype, accumulated in float32. Default tile: the H200 sweep's best at 4096 x 4096.
+
+    ``norm_weight`` [K]: multiply RMSNorm(x) * norm_weight instead of x (eps: the norm's).
+    ``silu``: x is [M, 2K] = [gate | up]; multiply silu(gate) * up. ``residual`` [M, N]: return
+    x W^T + residual (rounded to x's dtype before the add, as an unfused add would see it)."""
+    M = x.shape[0]
+    N, K = weight.shape
+    if norm_weight is not None and silu:
+        raise ValueError("dense_gemv fuses either an RMSNorm or a SiLU-and-mul, not both")
+    k_in = 2 * K if silu else K
+    if x.dim() != 2 or x.shape[1] != k_in or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"dense_gemv wants x [M, {k_in}] and weight [N, K], both contiguous in "
+                         f"K; got {tuple(x.shape)} and {tuple(weight.shape)}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+    if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
+        raise ValueError(f"residual must be [{M}, {N}] contiguous in N, got "
+                         f"{tuple(residual.shape)}")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
         _dense_gemv_kernel[(M, triton.cdiv(N, block_n))](
-            x, weight, bias if bias is not None else out, out, N, K, x.stride(0),
-            weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-            BLOCK_K=min(block_k, triton.next_power_of_2(K)), num_warps=num_warps)
+            x, weight, bias if bias is not None else out,
+            norm_weight if norm_weight is not None else out,
+            residual if residual is not None else out, out, N, K, eps, x.stride(0),
+            weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            HAS_BIAS=bias is not None, NORM=norm_weight is not None, SILU=silu,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
+            BLOCK_K=min(block_k, triton.next_power_of_2(K)),
+            K_POW2=triton.next_power_of_2(K), num_warps=num_warps)
     return out

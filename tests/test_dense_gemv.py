@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels.dense_gemv import dense_gemv
+from kernels.elementwise import rms_norm, silu_and_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
@@ -32,6 +33,36 @@ def test_dense_gemv_matches_matmul_on_ragged_shapes(n, k, dtype):
 
 def test_dense_gemv_adds_bias_once_and_handles_several_rows():
     check(3, 40, 96, torch.float32, bias=True, block_n=16, block_k=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_gemv_with_norm_and_residual_equals_the_unfused_kernels(dtype):
+    """GEMV(RMSNorm(x) * g) + residual == rms_norm, then GEMV, then the residual add, as the
+    unfused forward pass computes them (rounding included: up to rstd's summation order)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 200, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(37, 200, generator=g) * 0.05).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(200, generator=g)).to(DEVICE, dtype)
+    residual = torch.randn(2, 37, generator=g).to(DEVICE, dtype)
+    out = dense_gemv(x, w, None, 16, 64, norm_weight=norm_w, eps=1e-5, residual=residual)
+    y = dense_gemv(rms_norm(x, norm_w, 1e-5)[0], w, None, 16, 64)
+    ref = (y.float() + residual.float()).to(dtype)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype] * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_gemv_with_silu_equals_silu_and_mul_then_gemv(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2 * 130, generator=g).to(DEVICE, dtype)  # [gate | up]
+    w = (torch.randn(48, 130, generator=g) * 0.05).to(DEVICE, dtype)
+    out = dense_gemv(x, w, None, 16, 64, silu=True)
+    torch.testing.assert_close(out, dense_gemv(silu_and_mul(x), w, None, 16, 64), atol=0, rtol=0)
+
+
+def test_dense_gemv_rejects_norm_and_silu_together():
+    with pytest.raises(ValueError, match="either an RMSNorm or a SiLU"):
+        dense_gemv(torch.zeros(1, 16, device=DEVICE), torch.zeros(4, 8, device=DEVICE),
+                   norm_weight=torch.ones(8, device=DEVICE), silu=True)
 
 
 def test_dense_gemv_rejects_mismatched_shapes():

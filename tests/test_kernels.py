@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import NewKV, decode_attention
 from kernels.elementwise import rms_norm, silu_and_mul
 from kernels.prefill_attention import prefill_attention
 from kernels.rotary_kv import rotary_and_write_kv
@@ -80,6 +80,55 @@ def test_decode_attention_matches_reference(dtype, group, head_dim, num_splits):
                            block_n=32)
     ref = reference_attention(q, k_cache, v_cache, tables, ctx_lens, [1] * len(ctx_lens), scale)
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 32), (8, 128)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_with_new_kv_equals_rotary_write_then_attention(dtype, group,
+                                                                          head_dim, num_splits):
+    """The fused decode step (rotate q and the new k, cache k/v, attend) gives what
+    rotary_and_write_kv followed by decode_attention gives: same output, same caches."""
+    hkv, block_size = 2, 16
+    ctx_lens = [1, 17, 40, 0, 100]  # the newest token is each context's last; 0: padding row
+    k_cache, v_cache = paged_cache(32, block_size, hkv, head_dim, dtype, seed=group + 7)
+    tables = random_tables(ctx_lens, block_size, 32, seed=head_dim + 1)
+    B, H = len(ctx_lens), hkv * group
+    qkv = torch.randn(B, (H + 2 * hkv) * head_dim).to(DEVICE, dtype)  # fused-GEMM layout
+    q, k, v = qkv.split([H * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
+    q, k, v = q.view(B, H, head_dim), k.view(B, hkv, head_dim), v.view(B, hkv, head_dim)
+    positions = torch.tensor([max(c - 1, 0) for c in ctx_lens], device=DEVICE)
+    slots = torch.tensor([int(tables[b, (c - 1) // block_size]) * block_size
+                          + (c - 1) % block_size if c else -1
+                          for b, c in enumerate(ctx_lens)], device=DEVICE)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).to(DEVICE)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+
+    fused_k, fused_v = k_cache.clone(), v_cache.clone()
+    q_before = q.clone()
+    out = decode_attention(q, fused_k, fused_v, tables, ctx, scale, num_splits=num_splits,
+                           block_n=32, new_kv=NewKV(k, v, positions, inv_freq, slots))
+    assert torch.equal(q, q_before)  # the fused kernel rotates its own copy
+
+    rotary_and_write_kv(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
+    ref = decode_attention(q, k_cache, v_cache, tables, ctx, scale, num_splits=num_splits,
+                           block_n=32)
+    # Same float32 math in both; only the compiler's FMA contraction may differ (1 ulp).
+    torch.testing.assert_close(fused_k, k_cache, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(fused_v, v_cache, atol=0, rtol=0)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_decode_attention_rejects_misshapen_new_kv():
+    k_cache, v_cache = paged_cache(4, 16, 2, 32, torch.float32, seed=0)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    ctx = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+    tables = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
+    bad = NewKV(torch.randn(2, 1, 32, device=DEVICE), torch.randn(2, 1, 32, device=DEVICE),
+                ctx.long(), torch.ones(16, device=DEVICE), ctx.long())
+    with pytest.raises(ValueError, match="new k and v must be"):
+        decode_attention(q, k_cache, v_cache, tables, ctx, 1.0, new_kv=bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
