@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quantization", default=None, help="e.g. w4a16-g128-sym")
     ap.add_argument("--cublas-only", action="store_true",
-                    help="dense linears through cuBLAS at one row too (no dense_gemv): A/B")
+                    help="dense linears through cuBLAS at one row (no dense_gemv, unfused): A/B")
+    ap.add_argument("--unfused", action="store_true",
+                    help="one-row steps without the fused GEMVs (separate norm, SiLU, add): A/B")
     args = ap.parse_args(argv)
     bs = 16
     weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                           engine="fast", device="cuda", dtype=torch.float16)
     runner = FastRunner(config, weights)
     del weights
+    if args.unfused or args.cublas_only:
+        runner.model.fuse_one_row = False
     if args.cublas_only:
         for layer in runner.model.layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):

@@ -85,12 +85,25 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr
     tl.store(out_ptr + row * stride_om + offs_n, y, mask=offs_n < N)
 
 
+def row_gemv_tile(n: int, k: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) for an [n, k] weight: the best of 35 tiles per Llama-8B
+    projection on an H200 (``python -m bench.row_gemv``; fused variants, RESULTS.md). Few,
+    long rows (down) want more warps per row; many short rows (gate/up) more rows per
+    program; the 4096-wide ones the longest K tile."""
+    if k > n:
+        return 8, 512, 8  # down, 4096 x 14336: 36.0 us
+    if n >= 4 * k:
+        return 16, 256, 4  # gate/up, 28672 x 4096: 62.5 us (8, 512, 8: 66.5)
+    return (4 if n > k else 8), 1024, 4  # qkv 18.5 us (8, 512, 8: 20.2); o 12.4 (12.6)
+
+
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               block_n: int = 8, block_k: int = 512, num_warps: int = 8, *,
+               block_n: int | None = None, block_k: int | None = None,
+               num_warps: int | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias) for few rows M (one program row per x row), in
-    x's dtype, accumulated in float32. Default tile: the H200 sweep's best at 4096 x 4096.
+    x's dtype, accumulated in float32. Tile parameters left None come from row_gemv_tile.
 
     ``norm_weight`` [K]: multiply RMSNorm(x) * norm_weight instead of x (eps: the norm's).
     ``silu``: x is [M, 2K] = [gate | up]; multiply silu(gate) * up. ``residual`` [M, N]: return
@@ -110,6 +123,9 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise ValueError(f"residual must be [{M}, {N}] contiguous in N, got "
                          f"{tuple(residual.shape)}")
+    tile = row_gemv_tile(N, K)
+    block_n, block_k, num_warps = (v if v is not None else d
+                                   for v, d in zip((block_n, block_k, num_warps), tile))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M:
         _dense_gemv_kernel[(M, triton.cdiv(N, block_n))](

@@ -76,3 +76,22 @@ def test_dense_gemv_rejects_mismatched_shapes():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (28672, 4096)])
 def test_dense_gemv_matches_matmul_at_llama_shapes_on_gpu(n, k, dtype):
     check(1, n, k, dtype, bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_gemv_fusions_at_llama_shapes_on_gpu(dtype):
+    """qkv with the input norm fused, down with SiLU-and-mul and the residual fused."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(1, 4096, generator=g).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(4096, generator=g)).to(DEVICE, dtype)
+    w_qkv = (torch.randn(6144, 4096, generator=g) * 0.02).to(DEVICE, dtype)
+    out = dense_gemv(h, w_qkv, norm_weight=norm_w, eps=1e-5)
+    ref = rms_norm(h, norm_w, 1e-5)[0].float() @ w_qkv.float().T
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=TOL[dtype] * ref.abs().max().item())
+    gate_up = torch.randn(1, 2 * 14336, generator=g).to(DEVICE, dtype)
+    w_down = (torch.randn(4096, 14336, generator=g) * 0.02).to(DEVICE, dtype)
+    out = dense_gemv(gate_up, w_down, silu=True, residual=h)
+    ref = silu_and_mul(gate_up).float() @ w_down.float().T + h.float()
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=TOL[dtype] * ref.abs().max().item())
