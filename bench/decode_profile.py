@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="dense linears through cuBLAS at one row (no dense_gemv, unfused): A/B")
     ap.add_argument("--unfused", action="store_true",
                     help="one-row steps without the fused GEMVs (separate norm, SiLU, add): A/B")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="fused one-row step without programmatic dependent launches: A/B")
     args = ap.parse_args(argv)
     bs = 16
     weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
                           engine="fast", device="cuda", dtype=torch.float16)
     runner = FastRunner(config, weights)
     del weights
+    if args.no_pdl:
+        runner.model.pdl = False
     if args.unfused or args.cublas_only:
         runner.model.fuse_one_row = False
     if args.cublas_only:

@@ -92,6 +92,8 @@ class FastLlama:
         self.fuse_one_row = device.type == "cuda" and all(
             lin.quantized is None for layer in self.layers
             for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+        # Programmatic dependent launches between the fused step's kernels (Hopper on).
+        self.pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
     def forward(self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 decode_only: bool, num_splits: int = 1) -> torch.Tensor:
@@ -136,9 +138,10 @@ class FastLlama:
         output (o, down) itself."""
         cfg = self.config
         H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        pdl = self.pdl
         h = self.embed_tokens[meta.input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            qkv = _gemv(layer.qkv_proj, h, norm_weight=layer.input_norm, eps=eps)
+            qkv = _gemv(layer.qkv_proj, h, norm_weight=layer.input_norm, eps=eps, pdl=pdl)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(1, H, D), k.view(1, Hkv, D), v.view(1, Hkv, D)
             if cfg.qk_norm:
@@ -146,11 +149,11 @@ class FastLlama:
                 k = rms_norm(k.reshape(Hkv, D), layer.k_norm, eps)[0].view(1, Hkv, D)
             o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                  D ** -0.5, num_splits=num_splits,
-                                 new_kv=self._new_kv(k, v, meta))
-            h = _gemv(layer.o_proj, o.view(1, H * D), residual=h)
+                                 new_kv=self._new_kv(k, v, meta), pdl=pdl)
+            h = _gemv(layer.o_proj, o.view(1, H * D), residual=h, pdl=pdl)
             gate_up = _gemv(layer.gate_up_proj, h, norm_weight=layer.post_attention_norm,
-                            eps=eps)
-            h = _gemv(layer.down_proj, gate_up, silu=True, residual=h)
+                            eps=eps, pdl=pdl)
+            h = _gemv(layer.down_proj, gate_up, silu=True, residual=h, pdl=pdl)
         return rms_norm(h, self.norm, eps)[0]
 
     def _new_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> NewKV:

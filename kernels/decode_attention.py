@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @dataclass
@@ -64,9 +65,11 @@ def _decode_attention_kernel(
     stride_bt,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_outb, stride_outh,
-    NEW_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    NEW_KV: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
+    if PDL:  # see kernels/dense_gemv.py: nothing here is independent of the kernel before
+        gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -121,6 +124,8 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
+    if PDL:
+        gdc_launch_dependents()
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
@@ -138,7 +143,11 @@ def _combine_splits_kernel(
     part_o_ptr, part_lse_ptr, out_ptr,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -159,11 +168,12 @@ def _combine_splits_kernel(
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int = 1, block_n: int = 64,
-                     new_kv: NewKV | None = None) -> torch.Tensor:
+                     new_kv: NewKV | None = None, pdl: bool = False) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
     int32; context_lens: [B] int32 (0 for padding rows), counting the new token. Returns
     [B, H, D] in q's dtype. With ``new_kv``, q is taken before rotary embedding and the new
-    token's K/V are rotated and cached here (see the module docstring); q is not modified."""
+    token's K/V are rotated and cached here (see the module docstring); q is not modified.
+    ``pdl``: programmatic dependent launches (CUDA, sm_90+; see kernels/dense_gemv.py)."""
     B, H, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
@@ -186,6 +196,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_o = torch.empty(*parts, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(*parts, dtype=torch.float32, device=q.device)
     kv = new_kv or NewKV(q, q, context_lens, context_lens, context_lens)  # unread stand-ins
+    launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     _decode_attention_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out, scale,
         kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,
@@ -198,7 +209,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
         NEW_KV=new_kv is not None, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
+        NUM_SPLITS=num_splits, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](
@@ -206,6 +217,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            **launch,
         )
     return out
 

@@ -17,6 +17,12 @@ add) cost more in launches than in bytes, so the GEMV can absorb them:
 - ``residual``: the output is y + residual (the residual stream's add of the next RMSNorm).
 Each rounds where the unfused kernels in kernels/elementwise.py round, so the fused values
 equal the unfused ones up to the order of rstd's float32 sum.
+
+``pdl`` (Hopper and later): programmatic dependent launch. The kernel lets the next one launch
+as soon as all its programs run, and itself waits for the previous kernel only after issuing
+its first weight loads, which depend on nothing earlier: each GEMV's start-up latency then
+overlaps the tail of the kernel before it. Every kernel in such a chain waits (gdc_wait)
+before reading or writing anything another kernel touches.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -42,7 +49,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr
                        stride_xm, stride_wn, stride_rm, stride_om,
                        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       K_POW2: tl.constexpr):
+                       K_POW2: tl.constexpr, PDL: tl.constexpr):
     row, pid_n = tl.program_id(0), tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,13 +62,15 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr
         xb_ptrs = norm_w_ptr + offs_k
     if SILU:
         xb_ptrs = x_ptrs + K
+    w_next = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)  # weights: no dependency
+    if PDL:
+        gdc_wait()
     rstd = 1.0
     if NORM:
         cols = tl.arange(0, K_POW2)
         xs = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, 0) / K + eps)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    w_next = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
     xa_next = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
     xb_next = xa_next
     if NORM or SILU:
@@ -75,6 +84,8 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr
             xb_next = tl.load(xb_ptrs + k1, mask=offs_k < K - k1, other=0.0)
         x = _gemv_input(xa, xb, rstd, NORM, SILU, dtype)
         acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if PDL:  # the weights are read: the next kernel may start loading its own
+        gdc_launch_dependents()
     acc = tl.sum(acc2, axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -101,13 +112,14 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                block_n: int | None = None, block_k: int | None = None,
                num_warps: int | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias) for few rows M (one program row per x row), in
     x's dtype, accumulated in float32. Tile parameters left None come from row_gemv_tile.
 
     ``norm_weight`` [K]: multiply RMSNorm(x) * norm_weight instead of x (eps: the norm's).
     ``silu``: x is [M, 2K] = [gate | up]; multiply silu(gate) * up. ``residual`` [M, N]: return
-    x W^T + residual (rounded to x's dtype before the add, as an unfused add would see it)."""
+    x W^T + residual (rounded to x's dtype before the add, as an unfused add would see it).
+    ``pdl``: launch as a programmatic dependent launch (CUDA, sm_90+; module docstring)."""
     M = x.shape[0]
     N, K = weight.shape
     if norm_weight is not None and silu:
@@ -136,5 +148,6 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             HAS_BIAS=bias is not None, NORM=norm_weight is not None, SILU=silu,
             HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
             BLOCK_K=min(block_k, triton.next_power_of_2(K)),
-            K_POW2=triton.next_power_of_2(K), num_warps=num_warps)
+            K_POW2=triton.next_power_of_2(K), PDL=pdl, num_warps=num_warps,
+            **({"launch_pdl": True} if pdl else {}))
     return out
