@@ -1,11 +1,13 @@
 """engine_fast at Llama-3.1-8B shapes with random weights, against the roofline measured in
 the same run (CUDA only).
 
-    python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024]
+    python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024] [--hf]
 
 Counts first: a decode step reads every weight byte once (linears + lm_head) plus each
 sequence's K/V, so tokens/s <= bandwidth / bytes per step x batch. Prefill of T tokens costs
-2 x params x T FLOPs plus attention, bounded by the dense fp16 matmul rate.
+2 x params x T FLOPs plus attention, bounded by the dense fp16 matmul rate. ``--hf`` then
+runs the decode batches up to 64 and the prefill through transformers' ``generate`` in the same
+process (bench/hf_generate.py) and prints engine_fast's speed-up over it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hf", action="store_true", help="also time transformers' generate")
     args = ap.parse_args()
     dtype, bs = torch.float16, 16
     batches = [int(b) for b in args.batches.split(",")]
@@ -138,6 +141,20 @@ def main() -> None:
         rate = next(f"{r[k]:.1f} {k}" for k in ("tok/s", "TFLOP/s", "GB/s") if k in r)
         extra = f" (roofline {r['roofline tok/s']:.1f} tok/s)" if "roofline tok/s" in r else ""
         print(f"| {r['what']} | {r['ms']:.3f} | {rate}{extra} | {r['fraction']:.1%} |")
+    if args.hf:
+        from bench.hf_generate import hf_rows
+
+        del runner, m, kc, vc
+        torch.cuda.empty_cache()
+        ours = {r["what"]: r for r in rows}
+        hf = hf_rows(llama31_8b_config(args.layers), [n for n in batches if n <= 64],
+                     args.context, args.prefill, dtype, "cuda")
+        print("| transformers generate | ms | tok/s | engine_fast speed-up |")
+        print("|---|---:|---:|---:|")
+        for r in hf:
+            print(f"| {r['what']} | {r['ms']:.3f} | {r['tok/s']:.1f} | "
+                  f"{r['ms'] / ours[r['what']]['ms']:.1f}x |")
+        rows += [{**r, "what": "transformers " + r["what"]} for r in hf]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bandwidth": bw, "matmul": mm, "rows": rows}, f, indent=1)
