@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         roof = n * k * 2 / bw * 1e6
         t_unfused = bench_ms(unfused, ws) * 1e3
         tile = row_gemv_tile(n, k)
-        t_default = bench_ms(lambda w: fused(w, tile), ws) * 1e3
+        t_default = bench_ms(lambda w, f=fused, t=tile: f(w, t), ws) * 1e3
         best = (t_default, tile)
         for tile in [] if args.quick else TILES:
-            best = min(best, (bench_ms(lambda w, t=tile: fused(w, t), ws) * 1e3, tile))
+            best = min(best, (bench_ms(lambda w, f=fused, t=tile: f(w, t), ws) * 1e3, tile))
         print(f"| {name} | {n} x {k} | {roof:.1f} | {t_unfused:.1f} | {t_default:.1f} | "
               f"{best[1]} | {best[0]:.1f} | {100 * roof / best[0]:.0f}% |", flush=True)
         del ws

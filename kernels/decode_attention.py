@@ -65,7 +65,8 @@ def _decode_attention_kernel(
     stride_bt,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh, stride_outb, stride_outh,
-    NEW_KV: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    NEW_KV: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     if PDL:  # see kernels/dense_gemv.py: nothing here is independent of the kernel before
