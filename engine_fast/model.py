@@ -35,19 +35,23 @@ class FastLayer:
     post_attention_norm: torch.Tensor
     gate_up_proj: FastLinear  # [2 I, hidden]: gate rows then up rows, one GEMM
     down_proj: FastLinear
-    # Act-order checkpoints: the norms write their outputs in the group order of the linear
-    # after them (see fold_act_order_gathers).
+    # Act-order checkpoints: the norms and the attention write their outputs in the group
+    # order of the linear after them (see fold_act_order_gathers).
     input_norm_perm: torch.Tensor | None = None
     post_attention_norm_perm: torch.Tensor | None = None
+    attention_out_cols: torch.Tensor | None = None
 
 
 def fold_act_order_gathers(layer: FastLayer, intermediate_size: int) -> None:
     """Act-order linears read their input columns in group order, x[:, perm]: a gather kernel
-    before each call. Three of a layer's four are folded away: the norm before qkv and the one
-    before gate/up write their outputs permuted, and gate/up's output rows are permuted so
-    that silu(gate) * up comes out in down's order. o_proj (input: attention heads, whose
-    channel order the attention fixes) keeps its gather."""
+    before each call. All four are folded away: the norm before qkv and the one before gate/up
+    write their outputs permuted, the attention kernels store each (head, d) at the column
+    o_proj reads it from (the inverse permutation), and gate/up's output rows are permuted so
+    that silu(gate) * up comes out in down's order."""
     layer.input_norm_perm, layer.qkv_proj.input_perm = layer.qkv_proj.input_perm, None
+    if layer.o_proj.input_perm is not None:
+        layer.attention_out_cols = torch.argsort(layer.o_proj.input_perm).to(torch.int32)
+        layer.o_proj.input_perm = None
     layer.post_attention_norm_perm = layer.gate_up_proj.input_perm
     layer.gate_up_proj.input_perm = None
     perm = layer.down_proj.input_perm
@@ -117,13 +121,15 @@ class FastLlama:
             if decode_only:
                 o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                      D ** -0.5, num_splits=num_splits,
-                                     new_kv=self._new_kv(k, v, meta))
+                                     new_kv=self._new_kv(k, v, meta),
+                                     out_cols=layer.attention_out_cols)
             else:
                 rotary_and_write_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache,
                                     meta.slot_mapping)
                 o = prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                       meta.query_start_loc, meta.context_lens,
-                                      meta.query_lens_cpu, D ** -0.5, cfg.sliding_window)
+                                      meta.query_lens_cpu, D ** -0.5, cfg.sliding_window,
+                                      out_cols=layer.attention_out_cols)
             x = layer.o_proj(o.view(T, H * D))
             h, residual = rms_norm(x, layer.post_attention_norm, eps, residual,
                                    layer.post_attention_norm_perm)

@@ -49,6 +49,16 @@ def _rotated(ptr, pos, inv_freq_ptr, d, mask, HEAD_DIM: tl.constexpr):
     return x * tl.cos(angle) + sign * partner * tl.sin(angle)
 
 
+@triton.jit
+def _out_cols(out_cols_ptr, heads, d, mask, HEAD_DIM: tl.constexpr, OUT_COLS: tl.constexpr):
+    """Where (head, d) goes in a row of the output: its own column, or the column an
+    act-order o_proj reads it from (``out_cols``)."""
+    cols = heads * HEAD_DIM + d
+    if OUT_COLS:
+        cols = tl.load(out_cols_ptr + cols, mask=mask, other=0)
+    return cols
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise be multiplied in TF32 on the GPU (10-bit mantissa).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -57,16 +67,16 @@ def _precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    part_o_ptr, part_lse_ptr, out_ptr, scale,
+    part_o_ptr, part_lse_ptr, out_ptr, out_cols_ptr, scale,
     k_new_ptr, v_new_ptr, positions_ptr, inv_freq_ptr, slot_ptr,
     stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh, stride_outb, stride_outh,
-    NEW_KV: tl.constexpr, PDL: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    stride_lb, stride_lh, stride_outb,
+    NEW_KV: tl.constexpr, PDL: tl.constexpr, OUT_COLS: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     if PDL:  # see kernels/dense_gemv.py: nothing here is independent of the kernel before
@@ -130,8 +140,10 @@ def _decode_attention_kernel(
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        cols = _out_cols(out_cols_ptr, heads[:, None], d[None, :], gmask[:, None], HEAD_DIM,
+                         OUT_COLS)
+        tl.store(out_ptr + b * stride_outb + cols, o.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
     else:
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
@@ -141,10 +153,10 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    part_o_ptr, part_lse_ptr, out_ptr, out_cols_ptr,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, OUT_COLS: tl.constexpr,
 ):
     if PDL:
         gdc_wait()
@@ -162,19 +174,23 @@ def _combine_splits_kernel(
                 mask=(s < NUM_SPLITS)[:, None], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + d,
-             out.to(out_ptr.dtype.element_ty))
+    cols = _out_cols(out_cols_ptr, h, d, d < HEAD_DIM, HEAD_DIM, OUT_COLS)
+    tl.store(out_ptr + b * stride_outb + cols, out.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int = 1, block_n: int = 64,
-                     new_kv: NewKV | None = None, pdl: bool = False) -> torch.Tensor:
+                     new_kv: NewKV | None = None, pdl: bool = False,
+                     out_cols: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
     int32; context_lens: [B] int32 (0 for padding rows), counting the new token. Returns
     [B, H, D] in q's dtype. With ``new_kv``, q is taken before rotary embedding and the new
     token's K/V are rotated and cached here (see the module docstring); q is not modified.
-    ``pdl``: programmatic dependent launches (CUDA, sm_90+; see kernels/dense_gemv.py)."""
+    ``pdl``: programmatic dependent launches (CUDA, sm_90+; see kernels/dense_gemv.py).
+    ``out_cols`` [H * D] int32: the column of each (head, d) in the output's rows, viewed as
+    [B, H * D] (act-order o_proj: the inverse of its input permutation, so that it needs no
+    gather); None keeps the natural order."""
     B, H, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
@@ -189,9 +205,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("block_tables and context_lens must be int32")
     if new_kv is not None:
         _check_new_kv(new_kv, B, Hkv, D)
+    _check_out_cols(out_cols, H * D)
     block_n = max(16, min(block_n, 128))
     group = H // Hkv
-    out = torch.empty_like(q)
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)  # rows of H * D, contiguous
     # One split: the kernel writes ``out`` and the partials are never touched.
     parts = (B, H, num_splits) if num_splits > 1 else (1, 1, 1)
     part_o = torch.empty(*parts, D, dtype=torch.float32, device=q.device)
@@ -199,28 +216,34 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv = new_kv or NewKV(q, q, context_lens, context_lens, context_lens)  # unread stand-ins
     launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
     _decode_attention_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out, scale,
-        kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,
+        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
+        out_cols if out_cols is not None else out, scale, kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,
         q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0),
         kv.v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-        NEW_KV=new_kv is not None, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        part_lse.stride(0), part_lse.stride(1), out.stride(0),
+        NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](
-            part_o, part_lse, out,
+            part_o, part_lse, out, out_cols if out_cols is not None else out,
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0),
             HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            **launch,
+            OUT_COLS=out_cols is not None, **launch,
         )
     return out
+
+
+def _check_out_cols(out_cols: torch.Tensor | None, width: int) -> None:
+    if out_cols is not None and (out_cols.shape != (width,) or out_cols.dtype != torch.int32):
+        raise ValueError(f"out_cols must be int32 [{width}], got {out_cols.dtype} "
+                         f"{tuple(out_cols.shape)}")
 
 
 def _check_new_kv(kv: NewKV, B: int, Hkv: int, D: int) -> None:

@@ -13,20 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import _precision
+from kernels.decode_attention import _check_out_cols, _out_cols, _precision
 
 
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, out_cols_ptr, block_tables_ptr, query_start_ptr,
     context_lens_ptr, tile_seq_ptr, tile_start_ptr, scale, sliding_window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh,
+    stride_ot,
     stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OUT_COLS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -74,7 +75,8 @@ def _prefill_attention_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+    cols = _out_cols(out_cols_ptr, h, d, d < HEAD_DIM, HEAD_DIM, OUT_COLS)
+    tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + cols[None, :],
              o.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
@@ -93,10 +95,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       context_lens: torch.Tensor, query_lens: list[int], scale: float,
                       sliding_window: int | None = None, block_m: int = 64,
-                      block_n: int = 64) -> torch.Tensor:
+                      block_n: int = 64, out_cols: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, H, D] (T = sum of query_lens); caches [num_blocks, block_size, Hkv, D] already
     holding every position's K/V; block_tables [B, max_blocks] int32; query_start_loc [B + 1]
-    int32; context_lens [B] int32. Returns [T, H, D]."""
+    int32; context_lens [B] int32. Returns [T, H, D]; ``out_cols``: as decode_attention's."""
     T, H, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     if Dk != D or H % Hkv:
@@ -107,18 +109,20 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError("query_lens must cover q and match context_lens")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous in head_dim")
-    out = torch.empty_like(q)
+    _check_out_cols(out_cols, H * D)
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)  # rows of H * D, contiguous
     tile_seq, tile_start = make_tiles(query_lens, block_m, q.device)
     if tile_seq.numel() == 0:
         return out
     _prefill_attention_kernel[(tile_seq.numel(), H)](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens,
+        q, k_cache, v_cache, out, out_cols if out_cols is not None else out, block_tables, query_start_loc, context_lens,
         tile_seq, tile_start, scale, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
+        out.stride(0),
         block_tables.stride(0),
-        GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None,
     )
     return out

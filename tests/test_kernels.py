@@ -120,6 +120,33 @@ def test_decode_attention_with_new_kv_equals_rotary_write_then_attention(dtype, 
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_attention_kernels_store_columns_where_out_cols_says(num_splits):
+    """out_cols = argsort(perm) makes the kernels write o[:, perm] (what an act-order o_proj
+    reads) instead of o: the same values, moved, for decode (split or not) and prefill."""
+    hkv, group, head_dim, block_size = 2, 4, 32, 16
+    ctx_lens = [1, 17, 40, 0]
+    k_cache, v_cache = paged_cache(16, block_size, hkv, head_dim, torch.float32, seed=5)
+    tables = random_tables(ctx_lens, block_size, 16, seed=6)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    H = hkv * group
+    perm = torch.randperm(H * head_dim, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    cols = torch.argsort(perm).to(torch.int32)
+    q = torch.randn(len(ctx_lens), H, head_dim).to(DEVICE)
+    plain = decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, num_splits=num_splits)
+    moved = decode_attention(q, k_cache, v_cache, tables, ctx, 0.2, num_splits=num_splits,
+                             out_cols=cols)
+    assert torch.equal(moved.view(len(ctx_lens), -1), plain.view(len(ctx_lens), -1)[:, perm])
+
+    q_lens = [1, 17, 40]
+    qsl = torch.tensor([0, 1, 18, 58], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(q_lens), H, head_dim).to(DEVICE)
+    args = (q, k_cache, v_cache, tables[:3], qsl, ctx[:3], q_lens, 0.2)
+    plain = prefill_attention(*args, block_m=16, block_n=16)
+    moved = prefill_attention(*args, block_m=16, block_n=16, out_cols=cols)
+    assert torch.equal(moved.view(sum(q_lens), -1), plain.view(sum(q_lens), -1)[:, perm])
+
+
 def test_decode_attention_rejects_misshapen_new_kv():
     k_cache, v_cache = paged_cache(4, 16, 2, 32, torch.float32, seed=0)
     q = torch.randn(2, 4, 32, device=DEVICE)
