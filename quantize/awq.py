@@ -28,7 +28,13 @@ from collections.abc import Callable
 
 import torch
 
-from twinfer.quant import QuantScheme, fake_quantize
+from twinfer.quant import (
+    QuantizedWeight,
+    QuantScheme,
+    compute_qparams,
+    fake_quantize,
+    quantize_codes,
+)
 
 
 def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -41,30 +47,45 @@ def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
                  weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
-                 duo: bool = True, foldable: Callable | None = None) -> torch.Tensor:
+                 duo: bool = True, foldable: Callable | None = None,
+                 clip: dict | None = None) -> torch.Tensor:
     """The best per-input-channel scale s [K] for linears ``weights`` ([N_i, K]) whose inputs
     have mean magnitude ``x_mean_abs`` [K] and second moment ``C`` (one for all, or one per
     weight: see the module docstring); ``duo`` adds AutoAWQ's weight-aware candidates;
-    ``foldable`` maps each candidate to one its producer can absorb (``ScaleGroup.foldable``)."""
+    ``foldable`` maps each candidate to one its producer can absorb (``ScaleGroup.foldable``).
+    ``clip``: judge each candidate by its error after a clip search (``search_clip`` with
+    these keyword arguments, on the scaled weight and moment) instead of plain rounding."""
     moments = C if isinstance(C, list) else [C] * len(weights)
 
     def loss(quantized: list[torch.Tensor]) -> float:
         return sum(output_error(w - wq, m).sum().item()
                    for w, wq, m in zip(weights, quantized, moments))
 
-    return search_scale_by(loss, x_mean_abs, weights, scheme, grid, duo, foldable)
+    quantize = None
+    if clip is not None:
+        def quantize(ws: torch.Tensor, s: torch.Tensor, i: int) -> torch.Tensor:
+            bounds = search_clip(moments[i] / (s[:, None] * s[None, :]), ws, scheme, "l",
+                                 **clip)
+            return fake_quantize(apply_clip(ws, bounds), scheme)
+
+    return search_scale_by(loss, x_mean_abs, weights, scheme, grid, duo, foldable, quantize)
 
 
 def search_scale_by(loss: Callable[[list[torch.Tensor]], float], x_mean_abs: torch.Tensor,
                     weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
-                    duo: bool = True, foldable: Callable | None = None) -> torch.Tensor:
+                    duo: bool = True, foldable: Callable | None = None,
+                    quantize: Callable | None = None) -> torch.Tensor:
     """``search_scale`` with any loss: ``loss(ws)`` is the error made when each of
-    ``weights`` is replaced by its ``ws`` counterpart (fake_quantize(W * s) / s). AutoAWQ's
-    loss is the output error of the whole block the linears sit in (attention, MLP)."""
+    ``weights`` is replaced by its ``ws`` counterpart (fake_quantize(W * s) / s, or
+    ``quantize(W * s, s, i)`` / s for the i-th weight). AutoAWQ's loss is the output error of
+    the whole block the linears sit in (attention, MLP)."""
+    if quantize is None:
+        def quantize(ws: torch.Tensor, s: torch.Tensor, i: int) -> torch.Tensor:
+            return fake_quantize(ws, scheme)
     best_loss, best_s = float("inf"), torch.ones_like(x_mean_abs)
     for s in _scale_candidates(x_mean_abs, weights, scheme, grid, duo):
         s = s if foldable is None else foldable(s)
-        candidate = loss([fake_quantize(w * s, scheme) / s for w in weights])
+        candidate = loss([quantize(w * s, s, i) / s for i, w in enumerate(weights)])
         if candidate < best_loss:
             best_loss, best_s = candidate, s
     return best_s
@@ -145,7 +166,7 @@ def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, laye
     best_err = torch.full((N, G), float("inf"))
     deltas = []  # each candidate's weight error [N, G, gs], kept for the sweeps
     for m in range(len(bounds)):
-        wq = fake_quantize(torch.clamp(w, lo[m], hi[m]).view(N, K), scheme).view(N, G, gs)
+        wq = _fake_quantize_groups(torch.clamp(w, lo[m], hi[m]), scheme.bits, scheme.sym)
         delta = w - wq
         err = torch.einsum("rngk,rgkl,rngl->rng", delta.view(R, N // R, G, gs), C_groups,
                            delta.view(R, N // R, G, gs)).reshape(N, G)
@@ -157,6 +178,13 @@ def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, laye
         best = _clip_sweeps(torch.stack(deltas), best, C, sweeps)
     pick = best[None, :, :, None]
     return lo.gather(0, pick)[0], hi.gather(0, pick)[0]
+
+
+def _fake_quantize_groups(w: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """``fake_quantize`` of w [N, G, gs] in groups of gs (the same numbers), without building
+    a ``QuantizedWeight``: the clip search calls it once per candidate."""
+    scale, zero = compute_qparams(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), bits, sym)
+    return (quantize_codes(w, scale, zero, bits) - zero) * scale
 
 
 def _clip_sweeps(deltas: torch.Tensor, best: torch.Tensor, C: torch.Tensor, sweeps: int
@@ -188,3 +216,41 @@ def apply_clip(weight: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) 
     lo, hi = bounds
     G = lo.shape[1]
     return torch.clamp(weight.view(N, G, K // G), lo, hi).view(N, K)
+
+
+def refine_ranges(weight: torch.Tensor, qw: QuantizedWeight, C: torch.Tensor, rounds: int = 2,
+                  ridge: float = 1e-3) -> QuantizedWeight:
+    """``qw`` (weight [N, K] quantized, e.g. after ``search_clip``) with better group scales.
+    Each round, zero points fixed: refit each output channel's G group scales jointly by least
+    squares on the channel's whole output error with the codes fixed (one G x G system per
+    channel, C's blocks between groups included), then also try the codes re-rounded to the
+    new scales; each channel keeps whichever of the three (old, refit, re-rounded) has the
+    lowest output error, so it never gets worse. ``ridge`` (a fraction of each system's mean
+    diagonal) pulls toward the current scales."""
+    N, K = weight.shape
+    G = qw.scales.shape[1]
+    gs = K // G
+    C = C.reshape(-1, K, K)
+    R = C.shape[0]
+    w = weight.float()
+    zeros = qw.zeros.float()[..., None]  # [N, G, 1]
+    codes, scales = qw.codes.float().view(N, G, gs), qw.scales
+    err = output_error(w - ((codes - zeros) * scales[..., None]).view(N, K), C)
+    for _ in range(rounds):
+        a = codes - zeros  # w_hat = a * scale per group: [N, G, gs]
+        # Y[n, g] = a[n, g] C[rows of group g]: [N, G, K]
+        y = torch.einsum("rngk,rgkj->rngj", a.view(R, N // R, G, gs),
+                         C.view(R, G, gs, K)).reshape(N, G, K)
+        M = (y.view(N, G, G, gs) * a[:, None]).sum(-1)  # a_g C_gh a_h: [N, G, G]
+        b = (y * w[:, None]).sum(-1)  # a_g C_g. w: [N, G]
+        lam = ridge * M.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp(min=1e-12)
+        s = torch.linalg.solve(M + lam[..., None] * torch.eye(G), b + lam * scales)
+        s = torch.where(s > 2 ** -24, s, scales).half().float()
+        for c in (codes, quantize_codes(w.view(N, G, gs), s[..., None], zeros, qw.bits)):
+            e = output_error(w - ((c - zeros) * s[..., None]).view(N, K), C)
+            better = e < err
+            codes = torch.where(better[:, None, None], c, codes)
+            scales = torch.where(better[:, None], s, scales)
+            err = torch.where(better, e, err)
+    return QuantizedWeight(codes.view(N, K).to(torch.uint8), scales, qw.zeros, qw.bits,
+                           qw.group_size, qw.act_bits)

@@ -49,6 +49,13 @@ def register(sub) -> None:
                    default=True,
                    help="AWQ: clip candidates also shrink a group's min and max by different "
                         "factors (default: on)")
+    p.add_argument("--awq-scale-after-clip", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="AWQ: judge each scale candidate by its output error after a clip "
+                        "search rather than after plain rounding")
+    p.add_argument("--awq-refine", type=int, default=0,
+                   help="AWQ: rounds of least-squares refits of each channel's group scales "
+                        "on its whole output error after the clip search (0: off)")
     p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=True,
                    help="AWQ: search q_proj's and k_proj's clipping too (default: on; AutoAWQ "
                         "leaves them alone, their errors passing through the softmax)")
@@ -84,7 +91,9 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            awq_o_scales=args.awq_o_scales,
                            awq_clip_sweeps=args.awq_clip_sweeps,
                            awq_clip_both_ends=args.awq_clip_both_ends,
-                           awq_clip_qk=args.awq_clip_qk, true_sequential=args.true_sequential,
+                           awq_clip_qk=args.awq_clip_qk,
+                           awq_scale_after_clip=args.awq_scale_after_clip,
+                           awq_refine=args.awq_refine, true_sequential=args.true_sequential,
                            alpha=args.alpha)
 
 

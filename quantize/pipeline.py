@@ -76,6 +76,12 @@ class QuantizeOptions:
     awq_clip_sweeps: int = 2
     awq_clip_both_ends: bool = True
     awq_clip_qk: bool = True
+    # AWQ: judge each scale candidate by its output error after a clip search (grid 20, no
+    # sweeps) instead of after plain rounding (awq.search_scale's clip).
+    awq_scale_after_clip: bool = False
+    # AWQ: rounds of least-squares refits of each channel's group scales after the clip
+    # search (awq.refine_ranges); 0 turns it off.
+    awq_refine: int = 0
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -270,27 +276,31 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     stats = collect()
     # Each linear's error moment (see _error_moment), rescaled as scales fold into its input.
     C = {n: _error_moment(stats, n) for n in LINEARS}
-    _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales)
+    _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales,
+                     clip={} if options.awq_scale_after_clip else None)
     q = {}
     for n in LINEARS:
-        w = t[n + ".weight"]
+        w = clipped = t[n + ".weight"]
         if options.awq_clip_qk or n not in ("self_attn.q_proj", "self_attn.k_proj"):
-            w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
-                                                  sweeps=options.awq_clip_sweeps,
-                                                  both_ends=options.awq_clip_both_ends))
-        q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
+            clipped = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
+                                                        sweeps=options.awq_clip_sweeps,
+                                                        both_ends=options.awq_clip_both_ends))
+        q[n] = quantize_rtn(clipped, options.scheme, f"{prefix}.{n}")
+        if options.awq_refine:
+            q[n] = awq.refine_ranges(w, q[n], C[n], options.awq_refine)
     return q
 
 
 def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
-                     C: dict[str, torch.Tensor], shared_v: bool = False) -> None:
+                     C: dict[str, torch.Tensor], shared_v: bool = False,
+                     clip: dict | None = None) -> None:
     """AWQ's scale search for each group of linears sharing an input; folds the scales into
     the layer ``t`` and rescales each linear's error moment in ``C`` (both in place).
 
     Each candidate is judged by the linears' own output error (quadratic forms in C) or,
     where ``stats`` kept the block's inputs (``awq_block_loss``), by the output error of the
     attention block (q/k/v) or MLP block (gate/up) with those linears fake-quantized.
-    ``shared_v``: see ``QuantizeOptions.awq_o_scales``."""
+    ``shared_v``: see ``QuantizeOptions.awq_o_scales``; ``clip``: see ``awq.search_scale``."""
     for group in scale_groups(cfg, shared_v):
         weights = [t[n + ".weight"] for n in group.linears]
         x_mean_abs = stats.mean_abs(_INPUT_OF[group.linears[0]])
@@ -300,7 +310,7 @@ def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
             s = awq.search_scale_by(loss, x_mean_abs, weights, scheme)
         else:
             s = awq.search_scale([C[n] for n in group.linears], x_mean_abs, weights, scheme,
-                                 foldable=group.foldable)
+                                 foldable=group.foldable, clip=clip)
         fold_scales(t, group, s)
         for n in group.linears:
             C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s
