@@ -24,7 +24,9 @@ def register(sub) -> None:
                    help="input channels per scale; -1 per output channel (default: 128 for "
                         "4-bit, -1 for 8-bit)")
     p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: desc_act column order")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: desc_act column order (default: on; 1.138 -> 1.113 P on SmolLM2 "
+                        "w4a16 g64; --no-act-order for tools that cannot load g_idx)")
     p.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ: dampening added to the Hessian diagonal, a fraction of its mean")
     p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,

@@ -55,7 +55,9 @@ class QuantizeOptions:
     calib_seqlen: int = 512
     seed: int = 0
     device: str = "cpu"
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    # GPTQ: quantize columns by decreasing Hessian diagonal (desc_act). On by default: SmolLM2
+    # w4a16 g64 1.138 -> 1.113 P; engine_fast folds every activation gather it implies.
+    act_order: bool = True
     damp: float = 0.01  # GPTQ: dampening, a fraction of the mean Hessian diagonal
     # GPTQ: search each group's range instead of taking its min / max, and fold AWQ's searched
     # input scales in first; on by default: SmolLM2 w4a16 g64, 1.165 -> 1.138 P (act-order:

@@ -500,3 +500,15 @@ def test_awq_block_loss_scales_give_no_larger_attention_error_than_linear_loss(
     quantized = lambda s: [fake_quantize(w * s, scheme) / s for w in ws]  # noqa: E731
     assert loss(quantized(s_block)) <= loss(quantized(s_linear))
     assert loss(quantized(s_block)) < loss([fake_quantize(w, scheme) for w in ws])
+
+
+def test_gptq_uses_act_order_unless_told_not_to(tiny_model_factory, calib_file, tmp_path):
+    """desc_act is GPTQ's default (it is what meets <= 1.12 P); --no-act-order turns it off,
+    and the checkpoint's quantization_config says which."""
+    common = ["--method", "gptq", "--group-size", "32", "--calib", str(calib_file),
+              "--calib-samples", "2", "--calib-seqlen", "16"]
+    model = str(tiny_model_factory("llama"))
+    for flag, desc_act in (([], True), (["--no-act-order"], False)):
+        out = tmp_path / f"q{desc_act}"
+        assert cli_main(["quantize", model, *common, *flag, "-o", str(out)]) == 0
+        assert load_weights(out).quantization_config["desc_act"] is desc_act
