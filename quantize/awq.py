@@ -5,7 +5,8 @@
    whose fake-quantized ``(W * s)`` gives outputs closest to the full-precision ones on
    calibration tokens: each linear's own output, or (``search_scale_by`` with
    ``block_output_error``) the output of the whole attention / MLP block, AutoAWQ's loss.
-   s is then folded into the producer of x (see ``quantize.smoothing``).
+   Optionally (``search_scale``'s ``clip``) each candidate is judged after a clip search
+   instead of plain rounding. s is then folded into the producer of x (``quantize.smoothing``).
 2. Clipping search: per output channel and group, shrink the weight range by up to half
    (AutoAWQ's grid, plus both ends of the range together for asymmetric schemes, optionally
    each end by its own factor) where that lowers the group's contribution error on
@@ -28,13 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from twinfer.quant import (
-    QuantizedWeight,
-    QuantScheme,
-    compute_qparams,
-    fake_quantize,
-    quantize_codes,
-)
+from twinfer.quant import QuantScheme, compute_qparams, fake_quantize, quantize_codes
 
 
 def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -217,40 +212,3 @@ def apply_clip(weight: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) 
     G = lo.shape[1]
     return torch.clamp(weight.view(N, G, K // G), lo, hi).view(N, K)
 
-
-def refine_ranges(weight: torch.Tensor, qw: QuantizedWeight, C: torch.Tensor, rounds: int = 2,
-                  ridge: float = 1e-3) -> QuantizedWeight:
-    """``qw`` (weight [N, K] quantized, e.g. after ``search_clip``) with better group scales.
-    Each round, zero points fixed: refit each output channel's G group scales jointly by least
-    squares on the channel's whole output error with the codes fixed (one G x G system per
-    channel, C's blocks between groups included), then also try the codes re-rounded to the
-    new scales; each channel keeps whichever of the three (old, refit, re-rounded) has the
-    lowest output error, so it never gets worse. ``ridge`` (a fraction of each system's mean
-    diagonal) pulls toward the current scales."""
-    N, K = weight.shape
-    G = qw.scales.shape[1]
-    gs = K // G
-    C = C.reshape(-1, K, K)
-    R = C.shape[0]
-    w = weight.float()
-    zeros = qw.zeros.float()[..., None]  # [N, G, 1]
-    codes, scales = qw.codes.float().view(N, G, gs), qw.scales
-    err = output_error(w - ((codes - zeros) * scales[..., None]).view(N, K), C)
-    for _ in range(rounds):
-        a = codes - zeros  # w_hat = a * scale per group: [N, G, gs]
-        # Y[n, g] = a[n, g] C[rows of group g]: [N, G, K]
-        y = torch.einsum("rngk,rgkj->rngj", a.view(R, N // R, G, gs),
-                         C.view(R, G, gs, K)).reshape(N, G, K)
-        M = (y.view(N, G, G, gs) * a[:, None]).sum(-1)  # a_g C_gh a_h: [N, G, G]
-        b = (y * w[:, None]).sum(-1)  # a_g C_g. w: [N, G]
-        lam = ridge * M.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp(min=1e-12)
-        s = torch.linalg.solve(M + lam[..., None] * torch.eye(G), b + lam * scales)
-        s = torch.where(s > 2 ** -24, s, scales).half().float()
-        for c in (codes, quantize_codes(w.view(N, G, gs), s[..., None], zeros, qw.bits)):
-            e = output_error(w - ((c - zeros) * s[..., None]).view(N, K), C)
-            better = e < err
-            codes = torch.where(better[:, None, None], c, codes)
-            scales = torch.where(better[:, None], s, scales)
-            err = torch.where(better, e, err)
-    return QuantizedWeight(codes.view(N, K).to(torch.uint8), scales, qw.zeros, qw.bits,
-                           qw.group_size, qw.act_bits)

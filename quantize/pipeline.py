@@ -81,9 +81,6 @@ class QuantizeOptions:
     # AWQ: judge each scale candidate by its output error after a clip search (grid 20, no
     # sweeps) instead of after plain rounding (awq.search_scale's clip).
     awq_scale_after_clip: bool = False
-    # AWQ: rounds of least-squares refits of each channel's group scales after the clip
-    # search (awq.refine_ranges); 0 turns it off.
-    awq_refine: int = 0
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -282,14 +279,12 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
                      clip={} if options.awq_scale_after_clip else None)
     q = {}
     for n in LINEARS:
-        w = clipped = t[n + ".weight"]
+        w = t[n + ".weight"]
         if options.awq_clip_qk or n not in ("self_attn.q_proj", "self_attn.k_proj"):
-            clipped = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
-                                                        sweeps=options.awq_clip_sweeps,
-                                                        both_ends=options.awq_clip_both_ends))
-        q[n] = quantize_rtn(clipped, options.scheme, f"{prefix}.{n}")
-        if options.awq_refine:
-            q[n] = awq.refine_ranges(w, q[n], C[n], options.awq_refine)
+            w = awq.apply_clip(w, awq.search_clip(C[n], w, options.scheme, f"{prefix}.{n}",
+                                                  sweeps=options.awq_clip_sweeps,
+                                                  both_ends=options.awq_clip_both_ends))
+        q[n] = quantize_rtn(w, options.scheme, f"{prefix}.{n}")
     return q
 
 
