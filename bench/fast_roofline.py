@@ -19,10 +19,10 @@ import json
 import torch
 import triton
 
-from kernels.decode_attention import decode_attention
 from twinfer.batch import ScheduledBatch
 from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from twinfer.dummy import SHAPE_PRESETS, dummy_weights
+from twinfer_kernels.decode_attention import decode_attention
 
 
 def llama31_8b_config(num_layers: int) -> dict:

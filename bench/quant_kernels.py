@@ -1,4 +1,4 @@
-"""Quantized linears (kernels/quant_matmul.py) at Llama-3.1-8B shapes against fp16 cuBLAS and
+"""Quantized linears (twinfer_kernels/quant_matmul.py) at Llama-3.1-8B shapes against fp16 cuBLAS and
 the copy bandwidth measured in the same run (CUDA only; torch and triton only).
 
     PYTHONPATH=. python -m bench.quant_kernels [--quick] [--sweep] [--shapes 4096x6144] [--rows 1,16]
@@ -20,15 +20,15 @@ import dataclasses
 import torch
 import triton
 
-from kernels.dense_gemv import dense_gemv
-from kernels.quant_matmul import (
+from twinfer.quant import QuantScheme, quantize_rtn
+from twinfer_kernels.dense_gemv import dense_gemv
+from twinfer_kernels.quant_matmul import (
     KernelConfig,
     _num_sms,
     choose_config,
     prepare_quant_weight,
     quant_linear,
 )
-from twinfer.quant import QuantScheme, quantize_rtn
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N)
 ROWS = [1, 16, 256, 2048]

@@ -1,4 +1,4 @@
-"""The batch-1 decode projections of one Llama-3.1-8B layer: kernels/dense_gemv.py with the
+"""The batch-1 decode projections of one Llama-3.1-8B layer: twinfer_kernels/dense_gemv.py with the
 RMSNorm / SiLU-and-mul / residual add fused in, tile by tile, against what the unfused step
 runs for the same work (cuBLAS or the plain GEMV, plus the separate small kernels). CUDA only.
 
@@ -7,7 +7,7 @@ runs for the same work (cuBLAS or the plain GEMV, plus the separate small kernel
 Times are GPU time per call from a CUDA graph over enough weight copies to exceed L2 (as in
 bench/quant_kernels.py); the roofline is the weight's bytes over the copy bandwidth measured in
 the same run. ``--quick`` times only the default tile. Prints the best tile per projection,
-from which ``kernels.dense_gemv.row_gemv_tile`` is set; then the batch-1 decode attention
+from which ``twinfer_kernels.dense_gemv.row_gemv_tile`` is set; then the batch-1 decode attention
 (rotary and KV write fused) at context 1,024 by number of context splits.
 """
 
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.quant_kernels import bench_ms, copies, copy_bandwidth
-from kernels.decode_attention import NewKV, decode_attention
-from kernels.dense_gemv import dense_gemv, row_gemv_tile
-from kernels.elementwise import rms_norm, silu_and_mul
+from twinfer_kernels.decode_attention import NewKV, decode_attention
+from twinfer_kernels.dense_gemv import dense_gemv, row_gemv_tile
+from twinfer_kernels.elementwise import rms_norm, silu_and_mul
 
 HIDDEN, INTER, QKV = 4096, 14336, 6144
 TILES = [(bn, bk, nw) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8, 16)

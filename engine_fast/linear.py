@@ -1,6 +1,6 @@
 """FastLinear: one GEMM of engine_fast, cuBLAS for dense weights (the Triton GEMV of
-kernels/dense_gemv.py for one row where it measured faster) and the Triton quantized GEMMs of
-kernels/quant_matmul.py for quantized ones (repacked once, at load time)."""
+twinfer_kernels/dense_gemv.py for one row where it measured faster) and the Triton quantized GEMMs of
+twinfer_kernels/quant_matmul.py for quantized ones (repacked once, at load time)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.dense_gemv import dense_gemv
-from kernels.quant_matmul import PreparedQuantWeight, prepare_quant_weight, quant_linear
 from twinfer.quant import QuantizedWeight
 from twinfer.weights import ModelWeights, WeightsError
+from twinfer_kernels.dense_gemv import dense_gemv
+from twinfer_kernels.quant_matmul import PreparedQuantWeight, prepare_quant_weight, quant_linear
 
 
 @dataclass

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 from engine_fast.linear import FastLinear, build_fast_linear
 from engine_torch.layers import rope_inv_freq
-from kernels.decode_attention import NewKV, decode_attention
-from kernels.dense_gemv import dense_gemv
-from kernels.elementwise import rms_norm, silu_and_mul
-from kernels.prefill_attention import prefill_attention
-from kernels.rotary_kv import rotary_and_write_kv
 from twinfer.batch import AttentionMetadata
 from twinfer.weights import ModelWeights
+from twinfer_kernels.decode_attention import NewKV, decode_attention
+from twinfer_kernels.dense_gemv import dense_gemv
+from twinfer_kernels.elementwise import rms_norm, silu_and_mul
+from twinfer_kernels.prefill_attention import prefill_attention
+from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""kernels/dense_gemv.py against x @ W.T in float32 on fresh random inputs (Triton's interpreter
+"""twinfer_kernels/dense_gemv.py against x @ W.T in float32 on fresh random inputs (Triton's interpreter
 on CPU with small, ragged shapes; Llama-8B shapes with ``-m gpu``). Tolerance: fp16 outputs
 are rounded once (11-bit mantissa) after a float32 sum, so 2e-3 of max |ref|; bf16 1.6e-2."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.dense_gemv import dense_gemv
-from kernels.elementwise import rms_norm, silu_and_mul
+from twinfer_kernels.dense_gemv import dense_gemv
+from twinfer_kernels.elementwise import rms_norm, silu_and_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention import NewKV, decode_attention
-from kernels.elementwise import rms_norm, silu_and_mul
-from kernels.prefill_attention import prefill_attention
-from kernels.rotary_kv import rotary_and_write_kv
+from twinfer_kernels.decode_attention import NewKV, decode_attention
+from twinfer_kernels.elementwise import rms_norm, silu_and_mul
+from twinfer_kernels.prefill_attention import prefill_attention
+from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

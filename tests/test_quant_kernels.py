@@ -15,7 +15,8 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.quant_matmul import (
+from twinfer.quant import QuantizedWeight, QuantScheme, quantize_activations_per_token, quantize_rtn
+from twinfer_kernels.quant_matmul import (
     KernelConfig,
     choose_config,
     prepare_quant_weight,
@@ -23,7 +24,6 @@ from kernels.quant_matmul import (
     quant_linear_reference,
     quantize_rows,
 )
-from twinfer.quant import QuantizedWeight, QuantScheme, quantize_activations_per_token, quantize_rtn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import _check_out_cols, _out_cols, _precision
+from twinfer_kernels.decode_attention import _check_out_cols, _out_cols, _precision
 
 
 @triton.jit

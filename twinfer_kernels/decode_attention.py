@@ -7,7 +7,7 @@ slices by their log-sum-exp. Splitting the context keeps the GPU busy when there
 sequences and long contexts; with one split the kernel writes the output itself. Sequences
 with context 0 (padding rows) produce zeros.
 
-With ``new_kv`` the kernel also does what kernels/rotary_kv.py does for a decode step: it
+With ``new_kv`` the kernel also does what twinfer_kernels/rotary_kv.py does for a decode step: it
 rotates the queries (each program its own copy, in registers) and the program whose slice
 holds the newest position rotates that token's key and stores it and its value into the cache
 before reading the slice. One launch per layer fewer, which at batch-1 decode is worth more
@@ -40,7 +40,7 @@ class NewKV:
 @triton.jit
 def _rotated(ptr, pos, inv_freq_ptr, d, mask, HEAD_DIM: tl.constexpr):
     """Rows at ``ptr`` (+ d along head_dim) rotated by ``pos``: HF's half-split pairs
-    (i, i + D/2), in float32, as kernels/rotary_kv.py computes them; 0 where not ``mask``."""
+    (i, i + D/2), in float32, as twinfer_kernels/rotary_kv.py computes them; 0 where not ``mask``."""
     half: tl.constexpr = HEAD_DIM // 2
     angle = pos * tl.load(inv_freq_ptr + d % half)
     x = tl.load(ptr + d, mask=mask, other=0.0).to(tl.float32)
@@ -79,7 +79,7 @@ def _decode_attention_kernel(
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
-    if PDL:  # see kernels/dense_gemv.py: nothing here is independent of the kernel before
+    if PDL:  # see twinfer_kernels/dense_gemv.py: nothing here is independent of the kernel before
         gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -187,7 +187,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     int32; context_lens: [B] int32 (0 for padding rows), counting the new token. Returns
     [B, H, D] in q's dtype. With ``new_kv``, q is taken before rotary embedding and the new
     token's K/V are rotated and cached here (see the module docstring); q is not modified.
-    ``pdl``: programmatic dependent launches (CUDA, sm_90+; see kernels/dense_gemv.py).
+    ``pdl``: programmatic dependent launches (CUDA, sm_90+; see twinfer_kernels/dense_gemv.py).
     ``out_cols`` [H * D] int32: the column of each (head, d) in the output's rows, viewed as
     [B, H * D] (act-order o_proj: the inverse of its input permutation, so that it needs no
     gather); None keeps the natural order."""

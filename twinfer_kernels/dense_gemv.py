@@ -15,7 +15,7 @@ add) cost more in launches than in bytes, so the GEMV can absorb them:
   separate kernel;
 - ``silu``: x is [gate | up] (2K columns) and the input is silu(gate) * up;
 - ``residual``: the output is y + residual (the residual stream's add of the next RMSNorm).
-Each rounds where the unfused kernels in kernels/elementwise.py round, so the fused values
+Each rounds where the unfused kernels in twinfer_kernels/elementwise.py round, so the fused values
 equal the unfused ones up to the order of rstd's float32 sum.
 
 ``pdl`` (Hopper and later): programmatic dependent launch. The kernel lets the next one launch

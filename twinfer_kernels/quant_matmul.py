@@ -7,7 +7,7 @@ W8A8 weights as signed int8 with one float32 scale per channel. Run time (``quan
 picks a kernel by M, the rows of x, with thresholds from H100 sweeps (``choose_config``):
 
 * weight-only, M <= GEMV_MAX_M: a GEMV on the CUDA cores, split-K. For fp16 on CUDA,
-  ``gemv_half2_kernel`` (kernels/half2_gemv.py: packed half2 math in inline PTX, two codes per
+  ``gemv_half2_kernel`` (twinfer_kernels/half2_gemv.py: packed half2 math in inline PTX, two codes per
   LOP3 and HFMA2); otherwise ``_gemv_kernel`` in float32, where a code becomes a float by being
   OR-ed into the mantissa of 2**23 (one LOP3 and one FADD; I2F is quarter rate).
 * weight-only up to DENSE_MIN_M rows, and W8A8 at any M: ``_dot_kernel`` / ``_int8_dot_kernel``
@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.half2_gemv import gemv_half2_kernel
 from twinfer.quant import QuantizedWeight, quantize_activations_per_token
+from twinfer_kernels.half2_gemv import gemv_half2_kernel
 
 GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
 DENSE_MIN_M = 256  # weight-only: above this many rows, dequantize once and use cuBLAS
@@ -82,7 +82,7 @@ class KernelConfig:
     """Tile shape and launch parameters; ``quant_linear`` picks one unless given."""
 
     # "gemv" (weight-only, M=1, float32 math), "gemv_h2" (the same in half2 math: fp16 on
-    # CUDA, kernels/half2_gemv.py), "dot", or "dequant" (weight-only, then cuBLAS)
+    # CUDA, twinfer_kernels/half2_gemv.py), "dot", or "dequant" (weight-only, then cuBLAS)
     kernel: str
     block_m: int
     block_n: int
