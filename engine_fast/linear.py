@@ -42,6 +42,21 @@ class FastLinear:
             x = x[:, self.input_perm]
         return quant_linear(x, self.quantized, self.bias)
 
+    def gemv(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None,
+             eps: float = 1e-6, silu: bool = False, input_perm: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+        """One row of x through the one-row GEMV (dense_gemv, or quant_linear's for a
+        weight-only quantized weight) with the ops around it fused: the input is RMSNorm(x) *
+        norm_weight or silu(gate) * up, its columns gathered through ``input_perm``
+        (act-order, quantized only), and ``residual`` added to the output."""
+        if self.quantized is None:
+            if input_perm is not None:
+                raise ValueError("input_perm (an act-order gather) is for quantized linears")
+            return dense_gemv(x, self.weight, self.bias, norm_weight=norm_weight, eps=eps,
+                              silu=silu, residual=residual, pdl=pdl)
+        return quant_linear(x, self.quantized, self.bias, norm_weight=norm_weight, eps=eps,
+                            silu=silu, input_perm=input_perm, residual=residual, pdl=pdl)
+
     def permute_outputs(self, perm: torch.Tensor) -> None:
         """Reorder the output features, y[:, j] <- y[:, perm[j]] (weight rows, scales, zeros
         and bias alike), so that a following act-order linear gets its input in group order

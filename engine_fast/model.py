@@ -2,9 +2,10 @@
 RMSNorm fused with the residual add, in-place rotary, paged attention kernels.
 
 Same math as engine_torch/model.py; the differences are only in how it is computed. Decode
-steps rotate and cache the new K/V inside the attention kernel; a one-row decode step with
-dense weights (batch-1 decode, the latency case) also folds the norms, the residual adds and
-SiLU-and-mul into the GEMVs: five kernels per layer instead of ten.
+steps rotate and cache the new K/V inside the attention kernel; a one-row decode step (batch-1
+decode, the latency case) with dense or weight-only quantized weights also folds the norms,
+the residual adds, SiLU-and-mul and act-order gathers into the GEMVs: five kernels per layer
+instead of ten.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from engine_torch.layers import rope_inv_freq
 from twinfer.batch import AttentionMetadata
 from twinfer.weights import ModelWeights
 from twinfer_kernels.decode_attention import NewKV, decode_attention
-from twinfer_kernels.dense_gemv import dense_gemv
 from twinfer_kernels.elementwise import rms_norm, silu_and_mul
 from twinfer_kernels.prefill_attention import prefill_attention
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
@@ -91,10 +91,10 @@ class FastLlama:
         self.norm = t("model.norm.weight")
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t("lm_head.weight")
         self.inv_freq = rope_inv_freq(cfg).to(device)
-        # The fused one-row step (dense weights only: the quantized GEMVs have no norm / SiLU
-        # / residual fusion yet). On CUDA by default; tests turn it on under the interpreter.
+        # The fused one-row step: dense or weight-only weights (W8A8 has no one-row GEMV). On
+        # CUDA by default; tests turn it on under the interpreter.
         self.fuse_one_row = device.type == "cuda" and all(
-            lin.quantized is None for layer in self.layers
+            lin.quantized is None or lin.quantized.act_bits == 16 for layer in self.layers
             for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
         # Programmatic dependent launches between the fused step's kernels (Hopper on).
         self.pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -139,15 +139,16 @@ class FastLlama:
     def _forward_one_row(self, meta: AttentionMetadata,
                          kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                          num_splits: int) -> torch.Tensor:
-        """forward() for one decode row: h is the residual stream; each GEMV normalizes its
-        input (qkv, gate/up), applies SiLU-and-mul to it (down) or adds the residual to its
-        output (o, down) itself."""
+        """forward() for one decode row: h is the residual stream; each GEMV normalizes (and,
+        act-order, gathers) its input (qkv, gate/up), applies SiLU-and-mul to it (down) or adds
+        the residual to its output (o, down) itself."""
         cfg = self.config
         H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         pdl = self.pdl
         h = self.embed_tokens[meta.input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            qkv = _gemv(layer.qkv_proj, h, norm_weight=layer.input_norm, eps=eps, pdl=pdl)
+            qkv = layer.qkv_proj.gemv(h, norm_weight=layer.input_norm, eps=eps,
+                                      input_perm=layer.input_norm_perm, pdl=pdl)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(1, H, D), k.view(1, Hkv, D), v.view(1, Hkv, D)
             if cfg.qk_norm:
@@ -155,11 +156,12 @@ class FastLlama:
                 k = rms_norm(k.reshape(Hkv, D), layer.k_norm, eps)[0].view(1, Hkv, D)
             o = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                  D ** -0.5, num_splits=num_splits,
-                                 new_kv=self._new_kv(k, v, meta), pdl=pdl)
-            h = _gemv(layer.o_proj, o.view(1, H * D), residual=h, pdl=pdl)
-            gate_up = _gemv(layer.gate_up_proj, h, norm_weight=layer.post_attention_norm,
-                            eps=eps, pdl=pdl)
-            h = _gemv(layer.down_proj, gate_up, silu=True, residual=h, pdl=pdl)
+                                 new_kv=self._new_kv(k, v, meta),
+                                 out_cols=layer.attention_out_cols, pdl=pdl)
+            h = layer.o_proj.gemv(o.view(1, H * D), residual=h, pdl=pdl)
+            gate_up = layer.gate_up_proj.gemv(h, norm_weight=layer.post_attention_norm, eps=eps,
+                                              input_perm=layer.post_attention_norm_perm, pdl=pdl)
+            h = layer.down_proj.gemv(gate_up, silu=True, residual=h, pdl=pdl)
         return rms_norm(h, self.norm, eps)[0]
 
     def _new_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> NewKV:
@@ -168,6 +170,3 @@ class FastLlama:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
 
-
-def _gemv(linear: FastLinear, x: torch.Tensor, **fused) -> torch.Tensor:
-    return dense_gemv(x, linear.weight, linear.bias, **fused)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from twinfer.quant import QuantizedWeight, QuantScheme, quantize_activations_per_token, quantize_rtn
+from twinfer_kernels.elementwise import rms_norm, silu_and_mul
 from twinfer_kernels.quant_matmul import (
     KernelConfig,
     choose_config,
@@ -188,6 +189,66 @@ def test_half2_gemv_refuses_the_interpreter():
                      config=KernelConfig("gemv_h2", 1, 32, 64))
 
 
+# What a fused one-row GEMV absorbs (quant_linear's keyword arguments), by name.
+FUSIONS = {"norm": ("norm",), "norm-gather": ("norm", "perm"), "silu": ("silu",),
+           "silu-gather-residual": ("silu", "perm", "residual"), "residual": ("residual",),
+           "norm-residual": ("norm", "residual")}
+
+
+def fused_and_unfused(fusion: str, w, k: int, n: int, dtype: torch.dtype, config, seed: int,
+                      pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant_linear with ``fusion`` fused in, and the kernel sequence it replaces: rms_norm or
+    silu_and_mul, the act-order gather, the GEMV, then the residual add rounded as the
+    unfused forward pass rounds it."""
+    parts = FUSIONS[fusion]
+    g = torch.Generator().manual_seed(seed)
+    x = random_x(1, 2 * k if "silu" in parts else k, dtype, seed)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
+    perm = torch.randperm(k, generator=g).to(DEVICE)
+    residual = torch.randn(1, n, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=g).to(DEVICE, dtype)
+    fused = quant_linear(x, w, bias, config, norm_weight=norm_w if "norm" in parts else None,
+                         eps=1e-5, silu="silu" in parts,
+                         input_perm=perm if "perm" in parts else None,
+                         residual=residual if "residual" in parts else None, pdl=pdl)
+    h = rms_norm(x, norm_w, 1e-5)[0] if "norm" in parts else x
+    h = silu_and_mul(h) if "silu" in parts else h
+    h = h[:, perm].contiguous() if "perm" in parts else h
+    y = quant_linear(h, w, bias, config)
+    if "residual" in parts:
+        y = (y.float() + residual.float()).to(dtype)
+    return fused, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_one_row_gemv_fusions_equal_the_unfused_kernels(dtype, fusion, split_k):
+    """Norm / SiLU-and-mul / act-order gather / residual fused into the float32 GEMV give what
+    the separate kernels give (up to rstd's summation order), with and without split-K."""
+    k, n = 192, 40
+    w = prepare_quant_weight(random_quantized(n, k, QuantScheme(4, 64, False), seed=3), dtype)
+    config = KernelConfig("gemv", 1, 16, 64, split_k=split_k)
+    fused, ref = fused_and_unfused(fusion, w, k, n, dtype, config, seed=split_k)
+    assert_close_to_reference(fused, ref.float(), dtype)
+
+
+def test_fusions_are_refused_where_no_one_row_gemv_runs():
+    w = prepare_quant_weight(random_quantized(48, 64, QuantScheme(4, 32, False), seed=2),
+                             torch.float32)
+    x = random_x(2, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="one-row weight-only GEMV"):
+        quant_linear(x, w, residual=torch.zeros(2, 48, device=DEVICE))
+    with pytest.raises(ValueError, match="either an RMSNorm or a SiLU"):
+        quant_linear(random_x(1, 128, torch.float32, seed=0), w, silu=True,
+                     norm_weight=torch.ones(64, device=DEVICE))
+    with pytest.raises(ValueError, match="fuse only into the one-row GEMV"):
+        quant_linear(x[:1], w, None, KernelConfig("dot", 16, 32, 32), norm_weight=torch.ones(
+            64, device=DEVICE))
+    with pytest.raises(ValueError, match="input_perm must be"):
+        quant_linear(x[:1], w, input_perm=torch.arange(63, device=DEVICE))
+
+
 LLAMA_SHAPES = [(4096, 6144), (14336, 4096)]  # (K, N): fused qkv, down_proj
 GPU_SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1, True),
                "w8a8": W8A8}
@@ -255,3 +316,19 @@ def test_half2_gemv_does_not_overflow_on_fp16_extremes(bits):
     assert in_range.float().mean() > 0.9
     assert torch.isfinite(out[in_range]).all()
     assert_close_to_reference(out[in_range], ref[in_range], torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA (inline PTX)")
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,n,split_k", [(4096, 6144, 8), (14336, 4096, 1), (4096, 4096, 16)])
+def test_half2_gemv_fusions_equal_the_unfused_kernels_on_gpu(fusion, bits, k, n, split_k):
+    """The half2 GEMV's fused prologue (pairs built in registers) and residual epilogue, at
+    Llama-8B shapes, launched as programmatic dependent launches on Hopper."""
+    qw = random_quantized(n, k, QuantScheme(bits, 128, False), seed=k + bits)
+    w = prepare_quant_weight(qw, torch.float16)
+    config = KernelConfig("gemv_h2", 1, 64, 256, split_k=split_k)
+    pdl = torch.cuda.get_device_capability()[0] >= 9
+    fused, ref = fused_and_unfused(fusion, w, k, n, torch.float16, config, seed=n, pdl=pdl)
+    assert_close_to_reference(fused, ref.float(), torch.float16)

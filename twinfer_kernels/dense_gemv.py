@@ -15,8 +15,7 @@ add) cost more in launches than in bytes, so the GEMV can absorb them:
   separate kernel;
 - ``silu``: x is [gate | up] (2K columns) and the input is silu(gate) * up;
 - ``residual``: the output is y + residual (the residual stream's add of the next RMSNorm).
-Each rounds where the unfused kernels in twinfer_kernels/elementwise.py round, so the fused values
-equal the unfused ones up to the order of rstd's float32 sum.
+Each rounds where the unfused kernels in elementwise.py round (gemv_fusion.py).
 
 ``pdl`` (Hopper and later): programmatic dependent launch. The kernel lets the next one launch
 as soon as all its programs run, and itself waits for the previous kernel only after issuing
@@ -32,16 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-
-@triton.jit
-def _gemv_input(xa, xb, rstd, NORM: tl.constexpr, SILU: tl.constexpr, DTYPE: tl.constexpr):
-    """The GEMV's input tile from its raw loads: xa = x (or gate), xb = the norm weight (or up)."""
-    if SILU:
-        gate = xa.to(tl.float32)
-        return (gate * tl.sigmoid(gate)).to(DTYPE) * xb
-    if NORM:
-        return (xa.to(tl.float32) * rstd).to(DTYPE) * xb
-    return xa
+from twinfer_kernels.gemv_fusion import add_residual, gemv_input, row_rstd
 
 
 @triton.jit
@@ -67,9 +57,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr
         gdc_wait()
     rstd = 1.0
     if NORM:
-        cols = tl.arange(0, K_POW2)
-        xs = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, 0) / K + eps)
+        rstd = row_rstd(x_ptr + row * stride_xm, K, eps, K_POW2)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     xa_next = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
     xb_next = xa_next
@@ -82,17 +70,15 @@ def _dense_gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, residual_ptr, out_ptr
         xa_next = tl.load(x_ptrs + k1, mask=offs_k < K - k1, other=0.0)
         if NORM or SILU:
             xb_next = tl.load(xb_ptrs + k1, mask=offs_k < K - k1, other=0.0)
-        x = _gemv_input(xa, xb, rstd, NORM, SILU, dtype)
+        x = gemv_input(xa, xb, rstd, NORM, SILU, dtype)
         acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
     if PDL:  # the weights are read: the next kernel may start loading its own
         gdc_launch_dependents()
     acc = tl.sum(acc2, axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    y = acc.to(dtype)
-    if HAS_RESIDUAL:
-        res = tl.load(residual_ptr + row * stride_rm + offs_n, mask=offs_n < N, other=0.0)
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(dtype)
+    y = add_residual(acc, residual_ptr + row * stride_rm + offs_n, offs_n < N, HAS_RESIDUAL,
+                     dtype)
     tl.store(out_ptr + row * stride_om + offs_n, y, mask=offs_n < N)
 
 

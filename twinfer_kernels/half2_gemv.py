@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from twinfer_kernels.gemv_fusion import add_residual, gemv_input, row_rstd
 
 # (x_a, x_a+1), (x_b, x_b+1) -> (x_a, x_b) / 4, (x_a+1, x_b+1) / 4; 0x3400 is fp16 0.25.
 _PAIR_X_ASM = tl.constexpr("""{
@@ -92,25 +95,80 @@ def _x_pairs(pa, pb):
 
 
 @triton.jit
-def _tile_inputs(w_ptrs, zeros_ptr, scales_ptr, x_pairs, rows, stride_sn, kw,
-                 PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """Everything K tile ``kw`` (in words) reads: codes, zero point bits and scale per row,
-    x as int32 pairs (four per word for 4-bit, two for 8-bit)."""
-    k0 = kw * PER_WORD
-    g = k0 // GROUP_SIZE
+def _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, stride_sn, kw,
+                  PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """What K tile ``kw`` (in words) reads of the weight: codes, zero point bits and scale."""
+    g = kw * PER_WORD // GROUP_SIZE
     words = tl.load(w_ptrs + kw)
     z = tl.load(zeros_ptr + rows * stride_sn + g).to(tl.int16, bitcast=True).to(tl.int32)
     s = tl.load(scales_ptr + rows * stride_sn + g)
-    pairs = x_pairs + k0 // 2
-    p0 = tl.load(pairs)
-    p1 = tl.load(pairs + 1)
-    if PER_WORD == 8:
-        p2 = tl.load(pairs + 2)
-        p3 = tl.load(pairs + 3)
+    return words, z, s
+
+
+@triton.jit
+def _pack(lo, hi):
+    """Two fp16 tensors -> int32 pairs (lo in the low half)."""
+    return ((lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+            | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16))
+
+
+@triton.jit
+def _unpack(p):
+    """int32 pairs -> (low fp16, high fp16)."""
+    return (p.to(tl.int16).to(tl.float16, bitcast=True),
+            (p >> 16).to(tl.int16).to(tl.float16, bitcast=True))
+
+
+@triton.jit
+def _raw_pair(x_row, norm_w, perm_ptr, P, K, NORM: tl.constexpr, SILU: tl.constexpr,
+              PERM: tl.constexpr):
+    """The loads behind input pairs P (int32 pairs: columns 2P and 2P + 1): (x or gate, the
+    norm weight or up); with PERM each column gathered through the permutation."""
+    if PERM:
+        x16 = x_row.to(tl.pointer_type(tl.float16))
+        lo = tl.load(perm_ptr + 2 * P)
+        hi = tl.load(perm_ptr + 2 * P + 1)
+        a = _pack(tl.load(x16 + lo), tl.load(x16 + hi))
+        b = a
+        if NORM:
+            w16 = norm_w.to(tl.pointer_type(tl.float16))
+            b = _pack(tl.load(w16 + lo), tl.load(w16 + hi))
+        if SILU:
+            b = _pack(tl.load(x16 + K + lo), tl.load(x16 + K + hi))
     else:
-        p2 = p0
-        p3 = p1
-    return words, z, s, p0, p1, p2, p3
+        a = tl.load(x_row + P)
+        b = a
+        if NORM:
+            b = tl.load(norm_w + P)
+        if SILU:
+            b = tl.load(x_row + K // 2 + P)
+    return a, b
+
+
+@triton.jit
+def _pair_input(a, b, rstd, NORM: tl.constexpr, SILU: tl.constexpr):
+    """Input pairs from _raw_pair's loads (gemv_fusion.gemv_input on each half)."""
+    if NORM or SILU:
+        a_lo, a_hi = _unpack(a)
+        b_lo, b_hi = _unpack(b)
+        return _pack(gemv_input(a_lo, b_lo, rstd, NORM, SILU, tl.float16),
+                     gemv_input(a_hi, b_hi, rstd, NORM, SILU, tl.float16))
+    return a
+
+
+@triton.jit
+def _tile_x(x_row, norm_w, perm_ptr, cols, K, kw, PER_WORD: tl.constexpr, NORM: tl.constexpr,
+            SILU: tl.constexpr, PERM: tl.constexpr):
+    """The raw loads of K tile ``kw``'s input pairs: four per word for 4-bit, two for 8-bit."""
+    P = kw * PER_WORD // 2 + cols * (PER_WORD // 2)  # first pair of each word
+    a0, b0 = _raw_pair(x_row, norm_w, perm_ptr, P, K, NORM, SILU, PERM)
+    a1, b1 = _raw_pair(x_row, norm_w, perm_ptr, P + 1, K, NORM, SILU, PERM)
+    if PER_WORD == 8:
+        a2, b2 = _raw_pair(x_row, norm_w, perm_ptr, P + 2, K, NORM, SILU, PERM)
+        a3, b3 = _raw_pair(x_row, norm_w, perm_ptr, P + 3, K, NORM, SILU, PERM)
+    else:
+        a2, b2, a3, b3 = a0, b0, a1, b1
+    return a0, a1, a2, a3, b0, b1, b2, b3
 
 
 # $1: a zero point's fp16 bits (sign-extended to 32) -> $0 = the pair -(64 + z / 16) (0xAC00 is
@@ -144,16 +202,23 @@ def _fence_gpu(t):
 
 @triton.jit
 def gemv_half2_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, part_ptr, out_ptr, counters_ptr,
-    M, N, K, k_per_split, num_splits, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, norm_w_ptr, perm_ptr, residual_ptr,
+    part_ptr, out_ptr, counters_ptr,
+    M, N, K, k_per_split, num_splits, eps, stride_xm, stride_qn, stride_sn, stride_rm,
+    stride_om, stride_os,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FUSED_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSED_SPLITS: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, PERM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # x_ptr: x [M, K] fp16 viewed as int32 [M, K / 2] (stride_xm in pairs); qw_ptr: the codes
-    # viewed as int32 [N, K / PER_WORD]. Grid as in _gemv_kernel. Split-K programs write
-    # float32 partials [SPLIT, M, N] to part_ptr; without FUSED_SPLITS a second kernel adds
-    # them, with it each tile's last program to finish (counted in counters_ptr, one int32 per
-    # tile, left at zero) adds them in split order, so the result stays deterministic.
+    # x_ptr: x [M, K] fp16 viewed as int32 [M, K / 2] (stride_xm in pairs; [M, K] = [gate |
+    # up] pairs with SILU), norm_w_ptr likewise [K / 2]; qw_ptr: the codes viewed as int32
+    # [N, K / PER_WORD]. Grid as in _gemv_kernel. Split-K programs write float32 partials
+    # [SPLIT, M, N] to part_ptr; without FUSED_SPLITS a second kernel adds them, with it each
+    # tile's last program to finish (counted in counters_ptr, one int32 per tile, left at zero)
+    # adds them in split order, so the result stays deterministic. NORM / SILU / PERM /
+    # HAS_RESIDUAL / PDL: as in _gemv_kernel (the residual is added where the result is
+    # stored in the output dtype: by the last program, or with one split).
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     row, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -161,21 +226,34 @@ def gemv_half2_kernel(
     rows = offs_n % N
     cols = tl.arange(0, WORDS)
     w_ptrs = qw_ptr + rows[:, None] * stride_qn + cols[None, :]
-    x_pairs = x_ptr + row * stride_xm + cols * (PER_WORD // 2)  # first pair of each word
+    x_row = x_ptr + row * stride_xm
     k_lo = split * k_per_split
     kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
     acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     # Every input of the next K tile is loaded before this one's math (software pipelining:
     # the zero points, scales and x are latency-bound loads otherwise waited on each tile).
-    words_n, z_n, s_n, p0_n, p1_n, p2_n, p3_n = _tile_inputs(
-        w_ptrs, zeros_ptr, scales_ptr, x_pairs, rows, stride_sn, k_lo // PER_WORD, PER_WORD,
-        GROUP_SIZE)
+    # The first tile's weights depend on no earlier kernel, so they go out before the wait.
+    words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, stride_sn,
+                                      k_lo // PER_WORD, PER_WORD, GROUP_SIZE)
+    if PDL:
+        gdc_wait()
+    rstd = 1.0
+    if NORM:
+        rstd = row_rstd(x_row.to(tl.pointer_type(tl.float16)), K, eps, K_POW2)
+    a0_n, a1_n, a2_n, a3_n, b0_n, b1_n, b2_n, b3_n = _tile_x(
+        x_row, norm_w_ptr, perm_ptr, cols, K, k_lo // PER_WORD, PER_WORD, NORM, SILU, PERM)
     for kw in range(k_lo // PER_WORD, kw_end, WORDS):
-        words, z, s, p0, p1, p2, p3 = words_n, z_n, s_n, p0_n, p1_n, p2_n, p3_n
+        words, z, s = words_n, z_n, s_n
+        a0, a1, a2, a3, b0, b1, b2, b3 = a0_n, a1_n, a2_n, a3_n, b0_n, b1_n, b2_n, b3_n
         kw_next = tl.multiple_of(tl.minimum(kw + WORDS, kw_end - WORDS), WORDS)  # last: again
-        words_n, z_n, s_n, p0_n, p1_n, p2_n, p3_n = _tile_inputs(
-            w_ptrs, zeros_ptr, scales_ptr, x_pairs, rows, stride_sn, kw_next, PER_WORD,
-            GROUP_SIZE)
+        words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, stride_sn,
+                                          kw_next, PER_WORD, GROUP_SIZE)
+        a0_n, a1_n, a2_n, a3_n, b0_n, b1_n, b2_n, b3_n = _tile_x(
+            x_row, norm_w_ptr, perm_ptr, cols, K, kw_next, PER_WORD, NORM, SILU, PERM)
+        p0 = _pair_input(a0, b0, rstd, NORM, SILU)
+        p1 = _pair_input(a1, b1, rstd, NORM, SILU)
+        p2 = _pair_input(a2, b2, rstd, NORM, SILU)
+        p3 = _pair_input(a3, b3, rstd, NORM, SILU)
         s = s.to(tl.float32)
         if BITS == 4:
             x04, x15 = _x_pairs(p0, p2)
@@ -198,6 +276,8 @@ def gemv_half2_kernel(
                 [words, x02[None, :], x13[None, :], z_pair[:, None]],
                 dtype=tl.float32, is_pure=True, pack=1)
             acc2 += part * (s * 1024.0)[:, None]  # undo (q - z) / 256 and x / 4
+    if PDL:  # the weights are read: the next kernel may start loading its own
+        gdc_launch_dependents()
     acc = tl.sum(acc2, axis=1)
     if FUSED_SPLITS:
         part_row = part_ptr + row * stride_om + offs_n
@@ -215,12 +295,14 @@ def gemv_half2_kernel(
                                cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty),
-                     mask=offs_n < N)
+            y = add_residual(acc, residual_ptr + row * stride_rm + offs_n, offs_n < N,
+                             HAS_RESIDUAL, out_ptr.dtype.element_ty)
+            tl.store(out_ptr + row * stride_om + offs_n, y, mask=offs_n < N)
             tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(part_ptr + split * stride_os + row * stride_om + offs_n,
-                 acc.to(part_ptr.dtype.element_ty), mask=offs_n < N)
+        y = add_residual(acc, residual_ptr + row * stride_rm + offs_n, offs_n < N,
+                         HAS_RESIDUAL, part_ptr.dtype.element_ty)
+        tl.store(part_ptr + split * stride_os + row * stride_om + offs_n, y, mask=offs_n < N)
 

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from twinfer.quant import QuantizedWeight, quantize_activations_per_token
+from twinfer_kernels.gemv_fusion import add_residual, gathered_input, row_rstd
 from twinfer_kernels.half2_gemv import gemv_half2_kernel
 
 GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
@@ -168,27 +170,29 @@ def _store_tile(out_ptr, acc_t, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_B
 
 
 @triton.jit
-def _add_code_products(part, words, z, x_ptrs, magic, BITS: tl.constexpr, SHIFT: tl.constexpr):
+def _add_code_products(part, words, z, x, magic, BITS: tl.constexpr, SHIFT: tl.constexpr):
     """part [BN, WORDS] += (q - z) * x for the code at bits SHIFT of every word. The code, kept
     in place (so scaled by 2**SHIFT), is OR-ed into the mantissa of 2**23: one LOP3 and one
     FADD give the exact float (q - z) 2**SHIFT (I2F is quarter rate); x is scaled back."""
     q = (words & ((2 ** BITS - 1) << SHIFT)) | magic
     w = q.to(tl.float32, bitcast=True) - (8388608.0 + z * (1 << SHIFT))[:, None]
-    x = tl.load(x_ptrs).to(tl.float32) * (1.0 / (1 << SHIFT))
-    return part + w * x[None, :]
+    return part + w * (x.to(tl.float32) * (1.0 / (1 << SHIFT)))[None, :]
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-    M, N, K, k_per_split, stride_xm, stride_qn, stride_sn, stride_om, stride_os, magic,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, norm_w_ptr, perm_ptr, residual_ptr, out_ptr,
+    M, N, K, k_per_split, eps, stride_xm, stride_qn, stride_sn, stride_rm, stride_om, stride_os,
+    magic, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr, SILU: tl.constexpr, PERM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    K_POW2: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # qw_ptr is the packed weight viewed as int32 [N, K / PER_WORD] (little-endian: code
     # k = PER_WORD * j + t sits at bits BITS * t of word j); stride_qn counts words. ``magic``
     # is 0x4B000000 (2**23) passed as an argument: as a register operand ptxas folds the mask
-    # and the OR into one LOP3, where two immediates take two.
+    # and the OR into one LOP3, where two immediates take two. NORM / SILU / PERM /
+    # HAS_RESIDUAL / PDL: the fusions and launch of dense_gemv (gemv_fusion.py); HAS_RESIDUAL
+    # only with one split (otherwise _sum_splits_kernel adds the residual).
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     IN_PLACE: tl.constexpr = 23 // BITS  # codes that fit below bit 23 of their word
@@ -202,6 +206,13 @@ def _gemv_kernel(
     acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
     words_next = tl.load(w_ptrs + k_lo // PER_WORD)  # [BN, WORDS] int32
+    if PDL:  # the first weight tile depends on no earlier kernel; x does
+        gdc_wait()
+    x_row = x_ptr + row * stride_xm
+    rstd = 1.0
+    if NORM:
+        rstd = row_rstd(x_row, K, eps, K_POW2)
+    dtype = x_ptr.dtype.element_ty
     for kw in range(k_lo // PER_WORD, kw_end, WORDS):
         kw = tl.multiple_of(kw, WORDS)
         words = words_next  # and the next tile's load goes out before this one is used
@@ -210,19 +221,25 @@ def _gemv_kernel(
         g = k0 // GROUP_SIZE
         z = tl.load(zeros_ptr + (offs_n % N) * stride_sn + g).to(tl.float32)
         s = tl.load(scales_ptr + (offs_n % N) * stride_sn + g).to(tl.float32)
-        x_ptrs = x_ptr + row * stride_xm + k0 + cols * PER_WORD
+        x_cols = k0 + cols * PER_WORD
         part = tl.zeros([BLOCK_N, WORDS], tl.float32)
-        for t in tl.static_range(IN_PLACE):  # one code of every word at a time
-            part = _add_code_products(part, words, z, x_ptrs + t, magic, BITS, BITS * t)
-        for t in tl.static_range(IN_PLACE, PER_WORD):  # codes above bit 23: shift down first
-            part = _add_code_products(part, words >> 16, z, x_ptrs + t, magic, BITS,
-                                      BITS * t - 16)
+        for t in tl.static_range(PER_WORD):  # one code of every word at a time
+            x = gathered_input(x_row, norm_w_ptr, perm_ptr, x_cols + t, K, rstd, NORM, SILU,
+                               PERM, dtype)
+            if t < IN_PLACE:
+                part = _add_code_products(part, words, z, x, magic, BITS, BITS * t)
+            else:  # codes above bit 23: shift down first
+                part = _add_code_products(part, words >> 16, z, x, magic, BITS, BITS * t - 16)
         acc2 += part * s[:, None]
+    if PDL:
+        gdc_launch_dependents()
     acc = tl.sum(acc2, axis=1)
     out_ptr += split * stride_os + row * stride_om
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    y = add_residual(acc, residual_ptr + row * stride_rm + offs_n, offs_n < N, HAS_RESIDUAL,
+                     out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_n, y, mask=offs_n < N)
 
 
 @triton.jit
@@ -319,8 +336,8 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, num_splits, MN, N,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(part_ptr, bias_ptr, residual_ptr, out_ptr, num_splits, MN, N,
+                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], tl.float32)
@@ -328,7 +345,8 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, num_splits, MN, N,
         acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    y = add_residual(acc, residual_ptr + offs, mask, HAS_RESIDUAL, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, y, mask=mask)
 
 
 @functools.lru_cache(maxsize=8)
@@ -392,20 +410,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | None = None,
-                 config: KernelConfig | None = None) -> torch.Tensor:
+                 config: KernelConfig | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
+                 input_perm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 pdl: bool = False) -> torch.Tensor:
     """x [..., K] in w.dtype -> x @ W.T + bias, [..., N] in x.dtype. ``config`` overrides the
-    tile choice (tuning, tests)."""
+    tile choice (tuning, tests).
+
+    One row of x with a weight-only W can fuse what dense_gemv fuses (batch-1 decode):
+    ``norm_weight`` [K] (the input is RMSNorm(x) * norm_weight, ``eps`` the norm's), ``silu``
+    (x is [1, 2K] = [gate | up], the input silu(gate) * up), ``input_perm`` [K] (input column
+    k is column input_perm[k] of the above: an act-order gather), ``residual`` [1, N] (returns
+    x W^T + residual) and ``pdl`` (a programmatic dependent launch, CUDA sm_90+)."""
     N, K = w.out_features, w.in_features
-    if x.shape[-1] != K or x.dtype != w.dtype:
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match the weight: K={K}, "
-                         f"prepared for {w.dtype}")
+    k_in = 2 * K if silu else K
+    if x.shape[-1] != k_in or x.dtype != w.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match the weight: K={K}"
+                         f"{' (x is [gate | up], 2K)' if silu else ''}, prepared for {w.dtype}")
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be [{N}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
         x2 = x2.contiguous()  # the half2 GEMV reads x as int32 pairs
     M = x2.shape[0]
+    fusion = _check_fusion(M, N, K, x.dtype, w, norm_weight, silu, input_perm, residual)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return out.view(*lead, N)
@@ -414,6 +443,9 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     cfg = config or choose_config(M, N, K, w, _num_sms(x.device), half2)
     if cfg.kernel == "gemv_h2" and not half2:
         raise ValueError("the half2 GEMV needs fp16 activations on CUDA (not the interpreter)")
+    if (fusion or pdl) and cfg.kernel not in ("gemv", "gemv_h2"):
+        raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
+                         f"GEMV kernels, not {cfg.kernel!r}")
     if cfg.kernel == "dequant":
         dense = dequantize(w, cfg)
         return (torch.matmul(x2, dense.T, out=out) if bias is None else
@@ -428,6 +460,13 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     meta = dict(HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # Fusion operands; pointers never read when their flag is off point at out.
+    fused_meta = dict(NORM=norm_weight is not None, SILU=silu, PERM=input_perm is not None,
+                      K_POW2=triton.next_power_of_2(K), PDL=pdl,
+                      **({"launch_pdl": True} if pdl else {}))
+    perm = input_perm if input_perm is not None else out
+    res = residual.reshape(M, N) if residual is not None else out
+    sum_residual = residual is not None and num_splits > 1  # then _sum_splits_kernel adds it
     if w.act_bits == 8:
         xq, x_scale = quantize_rows(x2)
         _int8_dot_kernel[(tiles, num_splits)](
@@ -437,9 +476,11 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     elif cfg.kernel == "gemv":
         words = w.qweight.view(torch.int32)  # same bytes, 32 // bits codes per word
         _gemv_kernel[(M, triton.cdiv(N, cfg.block_n), num_splits)](
-            x2, words, w.scales, w.zeros, b, part, M, N, K, k_per_split,
-            x2.stride(0), words.stride(0), w.scales.stride(0), N, M * N, 0x4B000000,
-            BITS=w.bits, GROUP_SIZE=w.group_size, **meta)
+            x2, words, w.scales, w.zeros, b,
+            norm_weight if norm_weight is not None else out, perm, res, part,
+            M, N, K, k_per_split, eps, x2.stride(0), words.stride(0), w.scales.stride(0),
+            res.stride(0), N, M * N, 0x4B000000, BITS=w.bits, GROUP_SIZE=w.group_size,
+            HAS_RESIDUAL=residual is not None and not sum_residual, **fused_meta, **meta)
     elif cfg.kernel == "gemv_h2":
         words, x_pairs = w.qweight.view(torch.int32), x2.view(torch.int32)
         tiles_n = triton.cdiv(N, cfg.block_n)
@@ -447,11 +488,14 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
         # reduction kernel cost 14% of a w4a16 batch-1 decode step (H200 profile).
         fused = (num_splits > 1 and w.split_counters is not None
                  and M * tiles_n <= w.split_counters.numel())
+        sum_residual = sum_residual and not fused
+        norm_pairs = norm_weight.view(torch.int32) if norm_weight is not None else x_pairs
         gemv_half2_kernel[(M, tiles_n, num_splits)](
-            x_pairs, words, w.scales, w.zeros, b, part, out,
-            w.split_counters if fused else out, M, N, K, k_per_split, num_splits,
-            x_pairs.stride(0), words.stride(0), w.scales.stride(0), N, M * N,
+            x_pairs, words, w.scales, w.zeros, b, norm_pairs, perm, res, part, out,
+            w.split_counters if fused else out, M, N, K, k_per_split, num_splits, eps,
+            x_pairs.stride(0), words.stride(0), w.scales.stride(0), res.stride(0), N, M * N,
             BITS=w.bits, GROUP_SIZE=w.group_size, FUSED_SPLITS=fused,
+            HAS_RESIDUAL=residual is not None and not sum_residual, **fused_meta,
             **{**meta, "HAS_BIAS": has_bias or (fused and bias is not None)})
         if fused:
             return out.view(*lead, N)
@@ -465,8 +509,36 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
             BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **meta)
     if num_splits > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](
-            part, b, out, num_splits, M * N, N, HAS_BIAS=bias is not None, BLOCK=1024)
+            part, b, res, out, num_splits, M * N, N, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=sum_residual, BLOCK=1024)
     return out.view(*lead, N)
+
+
+def _check_fusion(M: int, N: int, K: int, dtype: torch.dtype, w: PreparedQuantWeight,
+                  norm_weight: torch.Tensor | None, silu: bool, input_perm: torch.Tensor | None,
+                  residual: torch.Tensor | None) -> bool:
+    """Whether quant_linear was asked to fuse anything; a clear error for what it cannot."""
+    fusion = norm_weight is not None or silu or input_perm is not None or residual is not None
+    if not fusion:
+        return False
+    if M > GEMV_MAX_M or w.act_bits != 16:
+        raise ValueError(f"norm / SiLU / gather / residual fuse into the one-row weight-only "
+                         f"GEMV; got {M} rows, {w.act_bits}-bit activations")
+    if norm_weight is not None and silu:
+        raise ValueError("quant_linear fuses either an RMSNorm or a SiLU-and-mul, not both")
+    if norm_weight is not None and (norm_weight.shape != (K,) or norm_weight.dtype != dtype
+                                    or not norm_weight.is_contiguous()):
+        raise ValueError(f"norm_weight must be [{K}] contiguous in {dtype}, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
+    if input_perm is not None and (input_perm.shape != (K,) or input_perm.dtype.is_floating_point
+                                   or not input_perm.is_contiguous()):
+        raise ValueError(f"input_perm must be [{K}] contiguous integers, got "
+                         f"{tuple(input_perm.shape)} {input_perm.dtype}")
+    if residual is not None and (residual.numel() != M * N or residual.dtype != dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"residual must be [{M}, {N}] contiguous in {dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    return True
 
 
 def dequantize(w: PreparedQuantWeight, config: KernelConfig | None = None) -> torch.Tensor:
