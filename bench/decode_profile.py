@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="dense linears through cuBLAS at one row (no dense_gemv, unfused): A/B")
     ap.add_argument("--unfused", action="store_true",
                     help="one-row steps without the fused GEMVs (separate norm, SiLU, add): A/B")
+    ap.add_argument("--gemv-inputs", choices=["auto", "fused", "separate"], default="auto",
+                    help="one-row step: norms / SiLU inside the GEMVs or as separate kernels "
+                         "(auto: inside for dense weights only): A/B")
     ap.add_argument("--no-pdl", action="store_true",
                     help="fused one-row step without programmatic dependent launches: A/B")
     args = ap.parse_args(argv)
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         runner.model.pdl = False
     if args.unfused or args.cublas_only:
         runner.model.fuse_one_row = False
+    if args.gemv_inputs != "auto":
+        runner.model.fuse_gemv_inputs = args.gemv_inputs == "fused"
     if args.cublas_only:
         for layer in runner.model.layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):

@@ -91,11 +91,16 @@ class FastLlama:
         self.norm = t("model.norm.weight")
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else t("lm_head.weight")
         self.inv_freq = rope_inv_freq(cfg).to(device)
-        # The fused one-row step: dense or weight-only weights (W8A8 has no one-row GEMV). On
-        # CUDA by default; tests turn it on under the interpreter.
+        # The one-row step through the GEMV kernels: dense or weight-only weights (W8A8 has no
+        # one-row GEMV). On CUDA by default; tests turn it on under the interpreter.
+        linears = [lin for layer in self.layers for lin in
+                   (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
         self.fuse_one_row = device.type == "cuda" and all(
-            lin.quantized is None or lin.quantized.act_bits == 16 for layer in self.layers
-            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+            lin.quantized is None or lin.quantized.act_bits == 16 for lin in linears)
+        # The norms and SiLU-and-mul inside the GEMVs too, or as separate (PDL-chained)
+        # kernels: inside pays for dense weights; the quantized GEMVs measured slower with
+        # them (H200: w4a16 step 3.31 ms fused against 2.79 unfused; bench/RESULTS.md).
+        self.fuse_gemv_inputs = all(lin.quantized is None for lin in linears)
         # Programmatic dependent launches between the fused step's kernels (Hopper on).
         self.pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -139,16 +144,16 @@ class FastLlama:
     def _forward_one_row(self, meta: AttentionMetadata,
                          kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                          num_splits: int) -> torch.Tensor:
-        """forward() for one decode row: h is the residual stream; each GEMV normalizes (and,
-        act-order, gathers) its input (qkv, gate/up), applies SiLU-and-mul to it (down) or adds
-        the residual to its output (o, down) itself."""
+        """forward() for one decode row: h is the residual stream; the o and down GEMVs add
+        the residual to their output; with ``fuse_gemv_inputs`` the qkv and gate/up GEMVs
+        normalize (and, act-order, gather) their input and down applies SiLU-and-mul to it,
+        otherwise separate kernels do. Every kernel is a programmatic dependent launch (``pdl``)."""
         cfg = self.config
         H, Hkv, D, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         pdl = self.pdl
         h = self.embed_tokens[meta.input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            qkv = layer.qkv_proj.gemv(h, norm_weight=layer.input_norm, eps=eps,
-                                      input_perm=layer.input_norm_perm, pdl=pdl)
+            qkv = self._norm_gemv(layer.qkv_proj, h, layer.input_norm, layer.input_norm_perm)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(1, H, D), k.view(1, Hkv, D), v.view(1, Hkv, D)
             if cfg.qk_norm:
@@ -159,10 +164,21 @@ class FastLlama:
                                  new_kv=self._new_kv(k, v, meta),
                                  out_cols=layer.attention_out_cols, pdl=pdl)
             h = layer.o_proj.gemv(o.view(1, H * D), residual=h, pdl=pdl)
-            gate_up = layer.gate_up_proj.gemv(h, norm_weight=layer.post_attention_norm, eps=eps,
-                                              input_perm=layer.post_attention_norm_perm, pdl=pdl)
-            h = layer.down_proj.gemv(gate_up, silu=True, residual=h, pdl=pdl)
+            gate_up = self._norm_gemv(layer.gate_up_proj, h, layer.post_attention_norm,
+                                      layer.post_attention_norm_perm)
+            if self.fuse_gemv_inputs:
+                h = layer.down_proj.gemv(gate_up, silu=True, residual=h, pdl=pdl)
+            else:
+                h = layer.down_proj.gemv(silu_and_mul(gate_up, pdl=pdl), residual=h, pdl=pdl)
         return rms_norm(h, self.norm, eps)[0]
+
+    def _norm_gemv(self, linear: FastLinear, h: torch.Tensor, norm_weight: torch.Tensor,
+                   perm: torch.Tensor | None) -> torch.Tensor:
+        """linear(RMSNorm(h) * norm_weight), columns in ``perm`` order (act-order)."""
+        eps, pdl = self.config.rms_norm_eps, self.pdl
+        if self.fuse_gemv_inputs:
+            return linear.gemv(h, norm_weight=norm_weight, eps=eps, input_perm=perm, pdl=pdl)
+        return linear.gemv(rms_norm(h, norm_weight, eps, out_perm=perm, pdl=pdl)[0], pdl=pdl)
 
     def _new_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> NewKV:
         return NewKV(k, v, meta.positions, self.inv_freq, meta.slot_mapping)

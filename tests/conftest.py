@@ -142,12 +142,13 @@ def _cached_weights(path: Path):
 def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
                    decode_tokens: list[list[int]] | None = None,
                    dtype=torch.float32, device: str = "cpu",
-                   engine: str = "torch", fuse_one_row: bool | None = None
-                   ) -> list[torch.Tensor]:
+                   engine: str = "torch", fuse_one_row: bool | None = None,
+                   fuse_gemv_inputs: bool | None = None) -> list[torch.Tensor]:
     """Run prompts (then forced decode tokens) through the real Scheduler and the ``engine``'s
     runner with ``max_num_batched_tokens=chunk``; return each sequence's logits at every
     position. ``fuse_one_row``: engine_fast's fused one-row decode step on or off (default:
-    on CUDA only)."""
+    on CUDA only); ``fuse_gemv_inputs``: its norms and SiLU inside the GEMVs or separate
+    (default: inside for dense weights)."""
     from twinfer.registry import create_runner
 
     weights = _cached_weights(Path(model_path))
@@ -158,6 +159,8 @@ def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
     runner = create_runner(cfg, weights)
     if fuse_one_row is not None:
         runner.model.fuse_one_row = fuse_one_row
+    if fuse_gemv_inputs is not None:
+        runner.model.fuse_gemv_inputs = fuse_gemv_inputs
     runner.allocate_kv_cache(256)
     scheduler = Scheduler(cfg.scheduler, BlockManager(256, 16))
     decode_tokens = decode_tokens or [[] for _ in prompts]

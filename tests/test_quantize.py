@@ -431,13 +431,14 @@ def test_engine_fast_folds_act_order_gathers_into_the_norms_attention_and_gate_u
                                                       layer.gate_up_proj, layer.down_proj))
 
 
+@pytest.mark.parametrize("inputs", ["fused-inputs", "separate-inputs"])
 @pytest.mark.parametrize("case", ["rtn-w4-g32-asym", "rtn-w8-channel",
                                   "gptq-w4-g32-sym-actorder"])
-def test_engine_fast_fused_one_row_decode_matches_engine_torch_on_quantized_checkpoints(
-        quantized_tiny, monkeypatch, case):
-    """Batch-1 decode with norms, SiLU-and-mul, residual adds and (act-order) gathers fused
-    into the quantized GEMVs (the float32 GEMV under the interpreter) gives engine_torch's
-    logits."""
+def test_engine_fast_one_row_decode_matches_engine_torch_on_quantized_checkpoints(
+        quantized_tiny, monkeypatch, case, inputs):
+    """Batch-1 decode through the one-row quantized GEMVs (the float32 GEMV under the
+    interpreter), residual adds fused in, and norms, SiLU-and-mul and act-order gathers
+    either fused in too or as separate kernels, gives engine_torch's logits."""
     pytest.importorskip("triton")
     from engine_fast.model import FastLlama
 
@@ -450,7 +451,7 @@ def test_engine_fast_fused_one_row_decode_matches_engine_torch_on_quantized_chec
     prompts, decode = PROMPTS[:1], [[3, 4, 5, 6]]
     torch_logits = collect_logits(qdir, prompts, 64, decode, device=device)
     fast_logits = collect_logits(qdir, prompts, 64, decode, device=device, engine="fast",
-                                 fuse_one_row=True)
+                                 fuse_one_row=True, fuse_gemv_inputs=inputs == "fused-inputs")
     assert calls  # the decode steps took the fused path
     torch.testing.assert_close(fast_logits[0], torch_logits[0], rtol=1e-4, atol=1e-4)
 

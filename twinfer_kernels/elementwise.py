@@ -5,6 +5,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """A small kernel in a programmatic-dependent-launch chain (see dense_gemv.py): wait for
+    the kernel before, then let the next one launch at once, so that its weight loads overlap
+    this kernel."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -20,7 +31,9 @@ def _residual_sum(x_ptr, residual_ptr, row, stride_x, stride_r, cols, mask,
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, perm_ptr, out_ptr, residual_out_ptr, eps,
                      stride_x, stride_r, stride_o, stride_ro, N,
-                     HAS_RESIDUAL: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -40,11 +53,12 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, perm_ptr, out_ptr, residua
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None, out_perm: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             residual: torch.Tensor | None = None, out_perm: torch.Tensor | None = None,
+             pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * weight, x + residual) over the last dim of x [rows, N]. With
     ``out_perm`` [N] the first is returned with its columns gathered, ``[:, out_perm]`` (the
-    input order an act-order linear after the norm wants), without another kernel."""
+    input order an act-order linear after the norm wants), without another kernel. ``pdl``:
+    launched as a programmatic dependent launch (CUDA sm_90+)."""
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],):
         raise ValueError(f"rms_norm wants x [rows, N] contiguous in N and weight [N]; got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -61,13 +75,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rms_norm_kernel[(rows,)](x, res, weight, perm, out, residual_out, eps, x.stride(0),
                               res.stride(0), out.stride(0), residual_out.stride(0), n,
                               HAS_RESIDUAL=residual is not None,
-                              HAS_PERM=out_perm is not None, BLOCK=block,
-                              num_warps=min(16, max(4, block // 512)))
+                              HAS_PERM=out_perm is not None, BLOCK=block, PDL=pdl,
+                              num_warps=min(16, max(4, block // 512)),
+                              **({"launch_pdl": True} if pdl else {}))
     return out, residual_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -77,8 +94,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, N, BLOCK: tl.conste
     tl.store(out_ptr + row * stride_o + cols, act * up, mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [rows, 2N] = [gate | up] -> silu(gate) * up, [rows, N]."""
+def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """x [rows, 2N] = [gate | up] -> silu(gate) * up, [rows, N]. ``pdl`` as in rms_norm."""
     rows, two_n = x.shape
     if two_n % 2 or x.stride(-1) != 1:
         raise ValueError(f"silu_and_mul wants [rows, 2N] contiguous, got {tuple(x.shape)}")
@@ -87,5 +104,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(n))
     if rows:
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0),
-                                                            n, BLOCK=block)
+                                                            n, BLOCK=block, PDL=pdl,
+                                                            **({"launch_pdl": True} if pdl
+                                                               else {}))
     return out

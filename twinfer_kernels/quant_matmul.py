@@ -489,9 +489,11 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
         fused = (num_splits > 1 and w.split_counters is not None
                  and M * tiles_n <= w.split_counters.numel())
         sum_residual = sum_residual and not fused
-        norm_pairs = norm_weight.view(torch.int32) if norm_weight is not None else x_pairs
+        scratch = (torch.empty(M * tiles_n * num_splits * k_per_split, dtype=x.dtype,
+                               device=x.device) if fusion else out)
         gemv_half2_kernel[(M, tiles_n, num_splits)](
-            x_pairs, words, w.scales, w.zeros, b, norm_pairs, perm, res, part, out,
+            x_pairs, words, w.scales, w.zeros, b,
+            norm_weight if norm_weight is not None else out, perm, res, scratch, part, out,
             w.split_counters if fused else out, M, N, K, k_per_split, num_splits, eps,
             x_pairs.stride(0), words.stride(0), w.scales.stride(0), res.stride(0), N, M * N,
             BITS=w.bits, GROUP_SIZE=w.group_size, FUSED_SPLITS=fused,
