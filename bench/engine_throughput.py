@@ -24,6 +24,49 @@ from twinfer.engine import LLMEngine
 from twinfer.sampling import SamplingParams
 
 
+def serving_throughput(requests: int = 100, input_len: int = 1024, output_len: int = 1024,
+                       layers: int = 32, engine: str = "fast", async_scheduling: bool = True,
+                       temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """Runs the benchmark once; returns output tokens, seconds, output and total tokens/s, and
+    engine steps."""
+    weights = dummy_weights(llama31_8b_config(layers), torch.float16, "cuda")
+    cfg = weights.config
+    total = input_len + output_len
+    blocks = requests * -(-total // 16) + 16
+    config = EngineConfig(model=cfg, cache=CacheConfig(num_kv_blocks=blocks,
+                                                       enable_prefix_caching=False),
+                          scheduler=SchedulerConfig(max_num_seqs=requests,
+                                                    max_num_batched_tokens=8192,
+                                                    max_model_len=total + 16),
+                          engine=engine, device="cuda", dtype=torch.float16,
+                          async_scheduling=async_scheduling)
+    llm = LLMEngine(config, weights, synthetic_tokenizer(cfg.vocab_size))
+    del weights
+    torch.cuda.empty_cache()
+    rng = random.Random(0)
+    for i in range(min(requests, 9)):  # full and partial prefill chunks, then decodes
+        llm.add_request(f"warm-up-{i}", [rng.randrange(2, cfg.vocab_size)
+                                         for _ in range(input_len)],
+                        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while llm.has_unfinished_requests():
+        llm.step()
+    llm.stats = type(llm.stats)()
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=output_len,
+                            ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(requests):
+        prompt = [rng.randrange(2, cfg.vocab_size) for _ in range(input_len)]
+        llm.add_request(f"r{i}", prompt, params)
+    while llm.has_unfinished_requests():
+        llm.step()
+    elapsed = time.perf_counter() - start
+    out_tokens = llm.stats.num_generated_tokens
+    return {"output tokens": out_tokens, "seconds": elapsed,
+            "output tok/s": out_tokens / elapsed,
+            "total tok/s": (out_tokens + requests * input_len) / elapsed,
+            "steps": llm.stats.num_steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=100)
@@ -35,46 +78,16 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
-    weights = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
-    cfg = weights.config
-    total = args.input_len + args.output_len
-    blocks = args.requests * -(-total // 16) + 16
-    config = EngineConfig(model=cfg, cache=CacheConfig(num_kv_blocks=blocks,
-                                                       enable_prefix_caching=False),
-                          scheduler=SchedulerConfig(max_num_seqs=args.requests,
-                                                    max_num_batched_tokens=8192,
-                                                    max_model_len=total + 16),
-                          engine=args.engine, device="cuda", dtype=torch.float16,
-                          async_scheduling=args.async_scheduling)
-    engine = LLMEngine(config, weights, synthetic_tokenizer(cfg.vocab_size))
-    torch.cuda.empty_cache()
-    rng = random.Random(0)
-    for i in range(min(args.requests, 9)):  # full and partial prefill chunks, then decodes
-        engine.add_request(f"warm-up-{i}", [rng.randrange(2, cfg.vocab_size)
-                                            for _ in range(args.input_len)],
-                           SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.stats = type(engine.stats)()
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.output_len, ignore_eos=True)
-    start = time.perf_counter()
-    for i in range(args.requests):
-        prompt = [rng.randrange(2, cfg.vocab_size) for _ in range(args.input_len)]
-        engine.add_request(f"r{i}", prompt, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-    elapsed = time.perf_counter() - start
+    r = serving_throughput(args.requests, args.input_len, args.output_len, args.layers,
+                           args.engine, args.async_scheduling, args.temperature, args.top_p)
     print(f"device: {torch.cuda.get_device_name()}  engine: {args.engine}  async scheduling: "
           f"{args.async_scheduling}  temperature: {args.temperature}  top_p: {args.top_p}"
           f"  requests: {args.requests} x ({args.input_len} in, "
           f"{args.output_len} out)")
     print("| output tokens | seconds | output tok/s | total tok/s | steps |")
     print("|---:|---:|---:|---:|---:|")
-    out_tokens = engine.stats.num_generated_tokens
-    print(f"| {out_tokens} | {elapsed:.1f} | {out_tokens / elapsed:.0f} | "
-          f"{(out_tokens + args.requests * args.input_len) / elapsed:.0f} | "
-          f"{engine.stats.num_steps} |")
+    print(f"| {r['output tokens']} | {r['seconds']:.1f} | {r['output tok/s']:.0f} | "
+          f"{r['total tok/s']:.0f} | {r['steps']} |")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """engine_fast at Llama-3.1-8B shapes with random weights, against the roofline measured in
 the same run (CUDA only).
 
-    python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024] [--hf]
+    python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024]
+        [--no-hf] [--no-serving]
 
 Counts first: a decode step reads every weight byte once (linears + lm_head) plus each
 sequence's K/V, so tokens/s <= bandwidth / bytes per step x batch. Prefill of T tokens costs
-2 x params x T FLOPs plus attention, bounded by the dense fp16 matmul rate. ``--hf`` then
-runs the decode batches up to 64 and the prefill through transformers' ``generate`` in the same
-process (bench/hf_generate.py) and prints engine_fast's speed-up over it.
+2 x params x T FLOPs plus attention, bounded by the dense fp16 matmul rate. Then, in the same
+process: the decode batches up to 64 and the prefill through transformers' ``generate``
+(bench/hf_generate.py; ``--no-hf`` skips), and the serving-style run of
+bench/engine_throughput.py (100 requests of 1,024 in and 1,024 out; ``--no-serving`` skips).
+The last table sets each figure against engine_fast's targets (issue #3).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import triton
 
 from twinfer.batch import ScheduledBatch
-from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from twinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from twinfer.dummy import SHAPE_PRESETS, dummy_weights
 from twinfer_kernels.decode_attention import decode_attention
 
@@ -68,20 +71,12 @@ def prefill_batch(tokens: int, block_size: int) -> ScheduledBatch:
         logits_indices=[tokens - 1], sample_seq_indices=[0], sample_logit_rows=[0])
 
 
-def main() -> None:
+def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: float,
+                dtype: torch.dtype, bs: int) -> tuple[list[dict], ModelConfig, int]:
+    """engine_fast's decode batches, prefill and attention kernel against the roofline; returns
+    the rows, the model config and the weight bytes a decode step reads."""
     from engine_fast.runner import FastRunner
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batches", default="1,64,256")
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--hf", action="store_true", help="also time transformers' generate")
-    args = ap.parse_args()
-    dtype, bs = torch.float16, 16
-    batches = [int(b) for b in args.batches.split(",")]
-    bw, mm = copy_bandwidth(), matmul_rate(dtype)
     weights = dummy_weights(llama31_8b_config(args.layers), dtype, "cuda")
     cfg = weights.config
     max_blocks = max(batches) * -(-args.context // bs) + 1
@@ -132,9 +127,29 @@ def main() -> None:
     rows.append({"what": f"decode attention kernel, batch {n} x context {ctx}", "ms": ms,
                  "GB/s": kv / ms / 1e6, "fraction": kv / (ms * 1e-3) / bw})
 
+    return rows, cfg, linear_bytes + head_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time transformers' generate")
+    ap.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run bench.engine_throughput's 100 x (1024 in, 1024 out)")
+    args = ap.parse_args()
+    dtype, bs = torch.float16, 16
+    batches = [int(b) for b in args.batches.split(",")]
+    bw, mm = copy_bandwidth(), matmul_rate(dtype)
+    rows, cfg, weight_bytes = engine_rows(args, batches, bw, mm, dtype, bs)
+    torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()}  date: {datetime.date.today()}  "
           f"layers: {cfg.num_layers}  copy bandwidth: {bw / 1e12:.2f} TB/s  "
-          f"fp16 matmul: {mm / 1e12:.0f} TFLOP/s  weights: {(linear_bytes + head_bytes) / 1e9:.2f} GB")
+          f"fp16 matmul: {mm / 1e12:.0f} TFLOP/s  weights: {weight_bytes / 1e9:.2f} GB")
     print("| measurement | ms | rate | roofline fraction |")
     print("|---|---:|---:|---:|")
     for r in rows:
@@ -144,8 +159,6 @@ def main() -> None:
     if args.hf:
         from bench.hf_generate import hf_rows
 
-        del runner, m, kc, vc
-        torch.cuda.empty_cache()
         ours = {r["what"]: r for r in rows}
         hf = hf_rows(llama31_8b_config(args.layers), [n for n in batches if n <= 64],
                      args.context, args.prefill, dtype, "cuda")
@@ -155,9 +168,52 @@ def main() -> None:
             print(f"| {r['what']} | {r['ms']:.3f} | {r['tok/s']:.1f} | "
                   f"{r['ms'] / ours[r['what']]['ms']:.1f}x |")
         rows += [{**r, "what": "transformers " + r["what"]} for r in hf]
+        torch.cuda.empty_cache()
+    if args.serving:
+        from bench.engine_throughput import serving_throughput
+
+        r = serving_throughput(layers=args.layers)
+        rows.append({"what": "serving 100 x (1024 in, 1024 out)", "ms": r["seconds"] * 1e3,
+                     **r})
+        print("| serving 100 x (1024 in, 1024 out) | output tokens | s | output tok/s | "
+              "total tok/s |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| engine_fast, async scheduling | {r['output tokens']} | {r['seconds']:.1f} | "
+              f"{r['output tok/s']:.0f} | {r['total tok/s']:.0f} |")
+    print_targets(rows, batches, args.context, args.prefill)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bandwidth": bw, "matmul": mm, "rows": rows}, f, indent=1)
+
+
+def print_targets(rows: list[dict], batches: list[int], context: int, prefill: int) -> None:
+    """The short table last: each figure against issue #3's target."""
+    by = {r["what"]: r for r in rows}
+    targets = [(f"decode batch 1, context {context}", 0.85),
+               (f"decode batch 64, context {context}", 0.70),
+               (f"decode batch 256, context {context}", None),
+               (f"prefill {prefill} tokens", 0.60),
+               ("decode attention kernel, batch 64 x context 4096", 0.80)]
+    print("| target | measured | met |")
+    print("|---|---:|---|")
+    for what, goal in targets:
+        if what in by:
+            got = by[what]["fraction"]
+            verdict = "reported" if goal is None else ("yes" if got >= goal else "no")
+            goal_text = "report" if goal is None else f">= {goal:.0%}"
+            print(f"| {what}: {goal_text} of roofline | {got:.1%} | {verdict} |")
+    serving = by.get("serving 100 x (1024 in, 1024 out)")
+    if serving:
+        got = serving["output tok/s"]
+        print(f"| serving 100 x (1024 in, 1024 out): > 5,792 output tok/s (LMDeploy PyTorch "
+              f"engine, on an H100) | {got:,.0f} | {'yes' if got > 5792 else 'no'} "
+              f"(on {torch.cuda.get_device_name()}) |")
+    for n in batches + ["prefill"]:
+        what = f"prefill {prefill} tokens" if n == "prefill" else f"decode batch {n}, context {context}"
+        hf = by.get("transformers " + what)
+        if hf and what in by:
+            print(f"| {what}: speed-up over transformers generate | "
+                  f"{hf['ms'] / by[what]['ms']:.1f}x | reported |")
 
 
 if __name__ == "__main__":
