@@ -95,13 +95,15 @@ def _x_pairs(pa, pb):
 
 
 @triton.jit
-def _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, stride_sn, kw,
+def _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups, stride_sn, kw,
                   PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """What K tile ``kw`` (in words) reads of the weight: codes, zero point bits and scale."""
-    g = kw * PER_WORD // GROUP_SIZE
+    """What K tile ``kw`` (in words) reads of the weight: codes [BN, GPT, WPG], zero point bits
+    and scales [BN, GPT] of the tile's ``groups`` (offsets 0 .. GPT - 1)."""
+    g = kw * PER_WORD // GROUP_SIZE + groups
     words = tl.load(w_ptrs + kw)
-    z = tl.load(zeros_ptr + rows * stride_sn + g).to(tl.int16, bitcast=True).to(tl.int32)
-    s = tl.load(scales_ptr + rows * stride_sn + g)
+    zs = rows[:, None] * stride_sn + g[None, :]
+    z = tl.load(zeros_ptr + zs).to(tl.int16, bitcast=True).to(tl.int32)
+    s = tl.load(scales_ptr + zs)
     return words, z, s
 
 
@@ -193,18 +195,23 @@ def gemv_half2_kernel(
     # stored in the output dtype: by the last program, or with one split).
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    # A K tile may span several quantization groups (longer contiguous reads per row): it is
+    # held as [BLOCK_N, GPT groups, WPG words], so each group's scale broadcasts over its words.
+    GPT: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    WPG: tl.constexpr = WORDS // GPT
     row, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N
-    cols = tl.arange(0, WORDS)
-    w_ptrs = qw_ptr + rows[:, None] * stride_qn + cols[None, :]
+    groups = tl.arange(0, GPT)
+    cols = groups[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPT, WPG] words of the tile
+    w_ptrs = qw_ptr + rows[:, None, None] * stride_qn + cols[None, :, :]
     k_lo = split * k_per_split
     kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
-    acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
     # Every input of the next K tile is loaded before this one's math (software pipelining:
     # the zero points, scales and x are latency-bound loads otherwise waited on each tile).
     # The first tile's weights depend on no earlier kernel, so they go out before the wait.
-    words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, stride_sn,
+    words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups, stride_sn,
                                       k_lo // PER_WORD, PER_WORD, GROUP_SIZE)
     if PDL:
         gdc_wait()
@@ -219,8 +226,8 @@ def gemv_half2_kernel(
         words, z, s = words_n, z_n, s_n
         p0, p1, p2, p3 = p0_n, p1_n, p2_n, p3_n
         kw_next = tl.multiple_of(tl.minimum(kw + WORDS, kw_end - WORDS), WORDS)  # last: again
-        words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, stride_sn,
-                                          kw_next, PER_WORD, GROUP_SIZE)
+        words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups,
+                                          stride_sn, kw_next, PER_WORD, GROUP_SIZE)
         p0_n, p1_n, p2_n, p3_n = _tile_x(x_pairs, cols, kw_next, PER_WORD)
         s = s.to(tl.float32)
         if BITS == 4:
@@ -231,22 +238,22 @@ def gemv_half2_kernel(
                                                    pack=1)
             part = tl.inline_asm_elementwise(
                 _DOT_W4_ASM, "=r,r,r,r,r,r,r,r",
-                [words, x04[None, :], x15[None, :], x26[None, :], x37[None, :],
-                 z_lo[:, None], z_hi[:, None]],
+                [words, x04[None, :, :], x15[None, :, :], x26[None, :, :], x37[None, :, :],
+                 z_lo[:, :, None], z_hi[:, :, None]],
                 dtype=tl.float32, is_pure=True, pack=1)
-            acc2 += part * (s * 64.0)[:, None]  # undo (q - z) / 16 and x / 4
+            acc2 += part * (s * 64.0)[:, :, None]  # undo (q - z) / 16 and x / 4
         else:
             x02, x13 = _x_pairs(p0, p1)
             z_pair = tl.inline_asm_elementwise(_ZERO_PAIR_W8_ASM, "=r,r", [z], dtype=tl.int32,
                                                is_pure=True, pack=1)
             part = tl.inline_asm_elementwise(
                 _DOT_W8_ASM, "=r,r,r,r,r",
-                [words, x02[None, :], x13[None, :], z_pair[:, None]],
+                [words, x02[None, :, :], x13[None, :, :], z_pair[:, :, None]],
                 dtype=tl.float32, is_pure=True, pack=1)
-            acc2 += part * (s * 1024.0)[:, None]  # undo (q - z) / 256 and x / 4
+            acc2 += part * (s * 1024.0)[:, :, None]  # undo (q - z) / 256 and x / 4
     if PDL:  # the weights are read: the next kernel may start loading its own
         gdc_launch_dependents()
-    acc = tl.sum(acc2, axis=1)
+    acc = tl.sum(tl.sum(acc2, axis=2), axis=1)
     if FUSED_SPLITS:
         part_row = part_ptr + row * stride_om + offs_n
         tl.store(part_row + split * stride_os, acc, mask=offs_n < N)

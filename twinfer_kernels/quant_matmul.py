@@ -356,9 +356,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _fit_block_k(block_k: int, group_size: int) -> int:
-    """The largest power of two <= block_k dividing group_size (which divides K)."""
-    while group_size % block_k:
+def _fit_block_k(block_k: int, group_size: int, K: int | None = None) -> int:
+    """The largest power of two <= block_k dividing group_size (which divides K); with ``K``
+    (the half2 GEMV, whose tiles may span whole groups) one dividing K that either divides
+    group_size or is a multiple of it."""
+    if K is None:
+        while group_size % block_k:
+            block_k //= 2
+        return block_k
+    while K % block_k or (group_size % block_k and block_k % group_size):
         block_k //= 2
     return block_k
 
@@ -374,7 +380,10 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     if w.act_bits == 16 and M <= GEMV_MAX_M and half2:
         # H200 sweep: 4-bit best at 64 rows per program (more rows share each x pair),
         # 8-bit at 16-32.
-        cfg = KernelConfig("gemv_h2", 1, 64 if w.bits == 4 else 32, 256)
+        # K tiles within one group, as swept (tiles spanning several groups are possible;
+        # bench.quant_row_gemv sweeps them).
+        cfg = KernelConfig("gemv_h2", 1, 64 if w.bits == 4 else 32,
+                           _fit_block_k(256, w.group_size))
         per_sm = 8 if w.bits == 4 else 4
     elif w.act_bits == 16 and M <= GEMV_MAX_M:
         cfg, per_sm = KernelConfig("gemv", 1, 32, 256), 8 if w.bits == 4 else 4
@@ -450,7 +459,7 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
         dense = dequantize(w, cfg)
         return (torch.matmul(x2, dense.T, out=out) if bias is None else
                 torch.addmm(bias, x2, dense.T, out=out)).view(*lead, N)
-    block_k = _fit_block_k(cfg.block_k, w.group_size)
+    block_k = _fit_block_k(cfg.block_k, w.group_size, K if cfg.kernel == "gemv_h2" else None)
     k_per_split = triton.cdiv(K // block_k, cfg.split_k) * block_k
     num_splits = triton.cdiv(K, k_per_split)
     part = out if num_splits == 1 else torch.empty(num_splits, M, N, dtype=torch.float32,
