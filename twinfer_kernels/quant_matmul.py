@@ -377,11 +377,11 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     for cuBLAS: dequantizing inside a Triton GEMM leaves the tensor cores waiting on the
     unpacking (0.5-0.65x fp16 at M=2048, against 0.85-0.9x). ``half2``: the packed-fp16
     GEMV can run (fp16 activations on CUDA)."""
+    if w.act_bits == 16 and M <= GEMV_MAX_M and half2 and w.bits == 4 and w.group_size == 128:
+        return _half2_w4_g128_config(N, K)
     if w.act_bits == 16 and M <= GEMV_MAX_M and half2:
         # H200 sweep: 4-bit best at 64 rows per program (more rows share each x pair),
-        # 8-bit at 16-32.
-        # K tiles within one group, as swept (tiles spanning several groups are possible;
-        # bench.quant_row_gemv sweeps them).
+        # 8-bit at 16-32; K tiles within one group.
         cfg = KernelConfig("gemv_h2", 1, 64 if w.bits == 4 else 32,
                            _fit_block_k(256, w.group_size))
         per_sm = 8 if w.bits == 4 else 4
@@ -403,6 +403,20 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     split = max(1, min(K // cfg.block_k, per_sm * num_sms // tiles))
     return KernelConfig(cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_k, split,
                         cfg.num_warps, cfg.num_stages)
+
+
+def _half2_w4_g128_config(N: int, K: int) -> KernelConfig:
+    """The half2 GEMV's tile for 4-bit, groups of 128, by projection shape: the best of a
+    90-tile sweep per Llama-8B projection on an H200 with PDL (``python -m
+    bench.quant_row_gemv``, RESULTS.md). Many short rows (gate/up) want few rows per program
+    and no split; o wants tiles spanning two groups."""
+    if N >= 4 * K:
+        return KernelConfig("gemv_h2", 1, 32, 256, 1)  # gate/up 28672 x 4096: 30.1 us (32.1)
+    if N > K:
+        return KernelConfig("gemv_h2", 1, 128, 128, 8)  # qkv 6144 x 4096: 9.7 us (11.1)
+    if N == K:
+        return KernelConfig("gemv_h2", 1, 64, 256, 4)  # o 4096 x 4096: 7.8 us (9.8)
+    return KernelConfig("gemv_h2", 1, 64, 128, 16)  # down 4096 x 14336: 18.6 us (18.9)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
