@@ -40,16 +40,6 @@ def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return ((d @ C) * d).sum(-1).reshape(delta.shape[0])
 
 
-def damped(C: torch.Tensor, damp: float) -> torch.Tensor:
-    """C + damp * mean(diag C) * I ([K, K], or per block [R, K, K]): the moment of inputs with
-    independent noise added, which weighs each channel's own error against the calibration
-    text's cross-channel correlations."""
-    if damp == 0:
-        return C
-    diag = C.diagonal(dim1=-2, dim2=-1)
-    return C + torch.diag_embed(diag.mean(-1, keepdim=True).expand_as(diag) * damp)
-
-
 def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
                  weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
                  duo: bool = True, foldable: Callable | None = None,

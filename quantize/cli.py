@@ -55,9 +55,6 @@ def register(sub) -> None:
                    default=False,
                    help="AWQ: judge each scale candidate by its output error after a clip "
                         "search rather than after plain rounding")
-    p.add_argument("--awq-scale-damp", type=float, default=0.0,
-                   help="AWQ: judge scale candidates under the input moment plus this "
-                        "fraction of its mean diagonal (default: 0, the moment itself)")
     p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=True,
                    help="AWQ: search q_proj's and k_proj's clipping too (default: on; AutoAWQ "
                         "leaves them alone, their errors passing through the softmax)")
@@ -95,7 +92,6 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            awq_clip_both_ends=args.awq_clip_both_ends,
                            awq_clip_qk=args.awq_clip_qk,
                            awq_scale_after_clip=args.awq_scale_after_clip,
-                           awq_scale_damp=args.awq_scale_damp,
                            true_sequential=args.true_sequential,
                            alpha=args.alpha)
 

@@ -81,9 +81,6 @@ class QuantizeOptions:
     # AWQ: judge each scale candidate by its output error after a clip search (grid 20, no
     # sweeps) instead of after plain rounding (awq.search_scale's clip).
     awq_scale_after_clip: bool = False
-    # AWQ: the scale search judges candidates under C + damp * mean(diag C) * I instead of
-    # the calibration moment C (less weight on the calibration text's particular correlations).
-    awq_scale_damp: float = 0.0
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -279,8 +276,7 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     # Each linear's error moment (see _error_moment), rescaled as scales fold into its input.
     C = {n: _error_moment(stats, n) for n in LINEARS}
     _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales,
-                     clip={} if options.awq_scale_after_clip else None,
-                     damp=options.awq_scale_damp)
+                     clip={} if options.awq_scale_after_clip else None)
     q = {}
     for n in LINEARS:
         w = t[n + ".weight"]
@@ -294,15 +290,14 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
 
 def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
                      C: dict[str, torch.Tensor], shared_v: bool = False,
-                     clip: dict | None = None, damp: float = 0.0) -> None:
+                     clip: dict | None = None) -> None:
     """AWQ's scale search for each group of linears sharing an input; folds the scales into
     the layer ``t`` and rescales each linear's error moment in ``C`` (both in place).
 
     Each candidate is judged by the linears' own output error (quadratic forms in C) or,
     where ``stats`` kept the block's inputs (``awq_block_loss``), by the output error of the
     attention block (q/k/v) or MLP block (gate/up) with those linears fake-quantized.
-    ``shared_v``: see ``QuantizeOptions.awq_o_scales``; ``clip``: see ``awq.search_scale``;
-    ``damp``: see ``QuantizeOptions.awq_scale_damp``."""
+    ``shared_v``: see ``QuantizeOptions.awq_o_scales``; ``clip``: see ``awq.search_scale``."""
     for group in scale_groups(cfg, shared_v):
         weights = [t[n + ".weight"] for n in group.linears]
         x_mean_abs = stats.mean_abs(_INPUT_OF[group.linears[0]])
@@ -311,8 +306,8 @@ def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
                                           stats.inputs[group.linears[0]])
             s = awq.search_scale_by(loss, x_mean_abs, weights, scheme)
         else:
-            s = awq.search_scale([awq.damped(C[n], damp) for n in group.linears], x_mean_abs,
-                                 weights, scheme, foldable=group.foldable, clip=clip)
+            s = awq.search_scale([C[n] for n in group.linears], x_mean_abs, weights, scheme,
+                                 foldable=group.foldable, clip=clip)
         fold_scales(t, group, s)
         for n in group.linears:
             C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s

@@ -17,7 +17,6 @@ from engine_torch.layers import rms_norm, rope_inv_freq, rotary_cos_sin
 from quantize.awq import (
     apply_clip,
     block_output_error,
-    damped,
     search_clip,
     search_scale,
     search_scale_by,
@@ -193,16 +192,6 @@ def test_awq_clip_both_ends_lowers_the_output_error():
                                                             both_ends=both)), scheme)
                for both in (False, True)}
     assert output_error(x, w, clipped[True]) < output_error(x, w, clipped[False])
-
-
-def test_damped_moment_adds_a_fraction_of_the_mean_diagonal_per_block():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 50, 6, generator=g)
-    C = x.transpose(1, 2) @ x / 50  # [R, K, K]: one moment per block of rows
-    D = damped(C, 0.25)
-    for c, d in zip(C, D):
-        torch.testing.assert_close(d - c, torch.eye(6) * 0.25 * c.diagonal().mean())
-    assert damped(C, 0.0) is C
 
 
 def test_awq_scale_after_clip_gives_no_larger_clipped_error():
