@@ -7,9 +7,11 @@ W8A8 weights as signed int8 with one float32 scale per channel. Run time (``quan
 picks a kernel by M, the rows of x, with thresholds from H100 sweeps (``choose_config``):
 
 * weight-only, M <= GEMV_MAX_M: a GEMV on the CUDA cores, split-K. For fp16 on CUDA,
-  ``gemv_half2_kernel`` (twinfer_kernels/half2_gemv.py: packed half2 math in inline PTX, two codes per
-  LOP3 and HFMA2); otherwise ``_gemv_kernel`` in float32, where a code becomes a float by being
-  OR-ed into the mantissa of 2**23 (one LOP3 and one FADD; I2F is quarter rate).
+  ``gemv_half2_kernel`` (half2_gemv.py: packed half2 math in inline PTX, two codes per LOP3
+  and HFMA2); otherwise ``_gemv_kernel`` in float32, where a code becomes a float by being
+  OR-ed into the mantissa of 2**23 (one LOP3 and one FADD; I2F is quarter rate). Both can
+  take an RMSNorm or SiLU-and-mul on their input, an act-order gather and the residual add
+  (batch-1 decode; gemv_fusion.py) and launch as programmatic dependent launches.
 * weight-only up to DENSE_MIN_M rows, and W8A8 at any M: ``_dot_kernel`` / ``_int8_dot_kernel``
   on the tensor cores. They compute out.T = W @ x.T, so the weight tile dequantized in
   registers (fp16 0x6400 | q is 1024 + q, exactly) is wgmma's register operand and small M only
