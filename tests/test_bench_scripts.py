@@ -29,3 +29,22 @@ def test_hf_generate_rows_time_decode_and_prefill_through_transformers():
                                          "decode batch 3, context 24", "prefill 32 tokens"]
     # Decode is a difference of two timed calls: positive unless the CPU is very noisy.
     assert rows[2]["ms"] > 0 and all(r["ms"] == r["ms"] and r["tok/s"] != 0 for r in rows)
+
+
+def test_fast_roofline_target_table_marks_each_figure_met_or_not(capsys):
+    from bench.fast_roofline import print_targets
+
+    rows = [{"what": "decode batch 1, context 1024", "ms": 4.0, "fraction": 0.872},
+            {"what": "decode batch 64, context 1024", "ms": 7.0, "fraction": 0.65},
+            {"what": "prefill 2048 tokens", "ms": 50.0, "fraction": 0.834},
+            {"what": "transformers decode batch 1, context 1024", "ms": 20.0},
+            {"what": "serving 100 x (1024 in, 1024 out)", "output tok/s": 5000.0}]
+    print_targets(rows, [1, 64], 1024, 2048, "GPU X")
+    out = capsys.readouterr().out.splitlines()
+    assert "| decode batch 1, context 1024: >= 85% of roofline | 87.2% | yes |" in out
+    assert "| decode batch 64, context 1024: >= 70% of roofline | 65.0% | no |" in out
+    assert "| prefill 2048 tokens: >= 60% of roofline | 83.4% | yes |" in out
+    assert any("5,792" in line and "| 5,000 | no (on GPU X) |" in line for line in out)
+    assert "| decode batch 1, context 1024: speed-up over transformers generate | 5.0x | " \
+           "reported |" in out
+    assert not any("attention" in line for line in out)  # not measured: not listed
