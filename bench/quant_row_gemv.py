@@ -22,6 +22,7 @@ import dataclasses
 import torch
 
 from bench.quant_kernels import bench_ms, copies, copy_bandwidth
+from bench.row_gemv import HIDDEN, INTER, QKV, layer_inputs
 from twinfer.quant import QuantScheme, quantize_rtn
 from twinfer_kernels.elementwise import rms_norm, silu_and_mul
 from twinfer_kernels.quant_matmul import (
@@ -32,7 +33,6 @@ from twinfer_kernels.quant_matmul import (
     quant_linear,
 )
 
-HIDDEN, INTER, QKV = 4096, 14336, 6144
 SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1, True)}
 SWEEP = [(bn, bk, s, nw) for bn in (32, 64, 128) for bk in (128, 256, 512)
          for s in (1, 2, 4, 8, 16) for nw in (4, 8) if not (bn == 32 and nw == 8)]
@@ -46,11 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     dt = torch.float16
     bw = copy_bandwidth()
     pdl = torch.cuda.get_device_capability()[0] >= 9
-    h = torch.randn(1, HIDDEN, device="cuda", dtype=dt)
-    res = torch.randn(1, HIDDEN, device="cuda", dtype=dt)
-    norm_w = torch.ones(HIDDEN, device="cuda", dtype=dt)
-    o = torch.randn(1, HIDDEN, device="cuda", dtype=dt)
-    gate_up = torch.randn(1, 2 * INTER, device="cuda", dtype=dt)
+    h, res, norm_w, o, gate_up = layer_inputs(dt)
     # name, (N, K), input, fused kwargs, unfused call
     cases = [
         ("qkv + input norm", (QKV, HIDDEN), h, dict(norm_weight=norm_w),

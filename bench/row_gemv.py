@@ -34,11 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dt = torch.float16
     bw = copy_bandwidth()
-    h = torch.randn(1, HIDDEN, device="cuda", dtype=dt)
-    res = torch.randn(1, HIDDEN, device="cuda", dtype=dt)
-    norm_w = torch.ones(HIDDEN, device="cuda", dtype=dt)
-    o = torch.randn(1, HIDDEN, device="cuda", dtype=dt)
-    gate_up = torch.randn(1, 2 * INTER, device="cuda", dtype=dt)
+    h, res, norm_w, o, gate_up = layer_inputs(dt)
     # name, (N, K), fused call, unfused call (the step without fusion: o_proj already GEMV)
     cases = [
         ("qkv + input norm", (QKV, HIDDEN),
@@ -72,6 +68,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{best[1]} | {best[0]:.1f} | {100 * roof / best[0]:.0f}% |", flush=True)
         del ws
     attention_by_splits()
+
+
+def layer_inputs(dt: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One decode row's GEMV inputs in a Llama-8B layer: the residual stream h, the residual,
+    the norm weight, the attention output o and [gate | up]."""
+    return (torch.randn(1, HIDDEN, device="cuda", dtype=dt),
+            torch.randn(1, HIDDEN, device="cuda", dtype=dt),
+            torch.ones(HIDDEN, device="cuda", dtype=dt),
+            torch.randn(1, HIDDEN, device="cuda", dtype=dt),
+            torch.randn(1, 2 * INTER, device="cuda", dtype=dt))
 
 
 def attention_by_splits(context: int = 1024, block_size: int = 16) -> None:

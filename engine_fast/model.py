@@ -3,9 +3,10 @@ RMSNorm fused with the residual add, in-place rotary, paged attention kernels.
 
 Same math as engine_torch/model.py; the differences are only in how it is computed. Decode
 steps rotate and cache the new K/V inside the attention kernel; a one-row decode step (batch-1
-decode, the latency case) with dense or weight-only quantized weights also folds the norms,
-the residual adds, SiLU-and-mul and act-order gathers into the GEMVs: five kernels per layer
-instead of ten.
+decode, the latency case) runs through the GEMV kernels, chained by programmatic dependent
+launch: with dense weights they also absorb the norms, SiLU-and-mul and the residual adds (five
+kernels per layer instead of ten); with weight-only quantized weights only the residual adds
+(the quantized GEMVs measured slower with the rest fused in).
 """
 
 from __future__ import annotations
