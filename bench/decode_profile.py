@@ -1,6 +1,7 @@
-"""Where a decode step's GPU time goes, kernel by kernel (CUDA only).
+"""Where a decode step's (or a prefill's) GPU time goes, kernel by kernel (CUDA only).
 
     python -m bench.decode_profile [--batch 1] [--context 1024] [--layers 32] [--steps 20]
+        [--quantization w8a8] [--prefill 2048]
 
 Llama-3.1-8B shapes with random weights, one decode step of ``--batch`` sequences at
 ``--context``, replayed from the CUDA graph FastRunner captured. torch.profiler (CUPTI) records
@@ -19,7 +20,7 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from bench.fast_roofline import decode_batch, llama31_8b_config
+from bench.fast_roofline import decode_batch, llama31_8b_config, prefill_batch
 from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from twinfer.dummy import dummy_weights
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="profile one prompt of this many tokens instead of a decode step")
     ap.add_argument("--quantization", default=None, help="e.g. w4a16-g128-sym")
     ap.add_argument("--cublas-only", action="store_true",
                     help="dense linears through cuBLAS at one row (no dense_gemv, unfused): A/B")
@@ -49,11 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         from twinfer.online_quant import quantize_weights_rtn
         from twinfer.quant import QuantScheme
         weights = quantize_weights_rtn(weights, QuantScheme.parse(args.quantization))
-    blocks = args.batch * -(-args.context // bs) + 1
+    blocks = max(args.batch * -(-args.context // bs), -(-args.prefill // bs)) + 1
     config = EngineConfig(model=weights.config,
                           cache=CacheConfig(block_size=bs, num_kv_blocks=blocks),
                           scheduler=SchedulerConfig(max_num_seqs=args.batch,
-                                                    max_model_len=args.context),
+                                                    max_model_len=max(args.context,
+                                                                      args.prefill)),
                           engine="fast", device="cuda", dtype=torch.float16)
     runner = FastRunner(config, weights)
     del weights
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 linear.row_gemv = False
     runner.allocate_kv_cache(blocks)
-    batch = decode_batch(args.batch, args.context, bs)
+    batch = (prefill_batch(args.prefill, bs) if args.prefill else
+             decode_batch(args.batch, args.context, bs))
     wall_ms = triton.testing.do_bench(lambda: runner.execute(batch), warmup=10, rep=100)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -82,14 +87,16 @@ def main(argv: list[str] | None = None) -> None:
             entry[0] += event.device_time_total / args.steps
             entry[1] += 1 / args.steps
     total_us = sum(us for us, _ in per_kernel.values())
-    print(f"device: {torch.cuda.get_device_name()}  batch {args.batch}  context {args.context}"
+    work = (f"prefill of {args.prefill} tokens" if args.prefill else
+            f"batch {args.batch}  context {args.context}")
+    print(f"device: {torch.cuda.get_device_name()}  {work}"
           f"  layers {args.layers}  quantization {args.quantization or 'none (fp16)'}")
     print("| kernel | launches per step | us per step | share |")
     print("|---|---:|---:|---:|")
     for name, (us, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:20]:
         print(f"| {name[:70]} | {calls:.0f} | {us:.0f} | {us / total_us:.1%} |")
     print(f"kernels {total_us / 1e3:.3f} ms per step; replay wall {wall_ms:.3f} ms per step "
-          f"({args.batch / wall_ms * 1e3:.1f} tok/s); "
+          f"({(args.prefill or args.batch) / wall_ms * 1e3:.1f} tok/s); "
           f"between kernels {wall_ms - total_us / 1e3:.3f} ms")
 
 

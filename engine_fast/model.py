@@ -22,7 +22,7 @@ from twinfer.batch import AttentionMetadata
 from twinfer.weights import ModelWeights
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.elementwise import rms_norm, silu_and_mul
-from twinfer_kernels.prefill_attention import prefill_attention
+from twinfer_kernels.prefill_attention import BLOCK_M, make_tiles, prefill_attention
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
 
@@ -116,6 +116,7 @@ class FastLlama:
             return self._forward_one_row(meta, kv_caches, num_splits)
         x = self.embed_tokens[meta.input_ids]
         residual = None
+        tiles = None if decode_only else make_tiles(meta.query_lens_cpu, BLOCK_M, x.device)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = rms_norm(x, layer.input_norm, eps, residual, layer.input_norm_perm)
             qkv = layer.qkv_proj(h)
@@ -135,7 +136,7 @@ class FastLlama:
                 o = prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                       meta.query_start_loc, meta.context_lens,
                                       meta.query_lens_cpu, D ** -0.5, cfg.sliding_window,
-                                      out_cols=layer.attention_out_cols)
+                                      out_cols=layer.attention_out_cols, tiles=tiles)
             x = layer.o_proj(o.view(T, H * D))
             h, residual = rms_norm(x, layer.post_attention_norm, eps, residual,
                                    layer.post_attention_norm_perm)

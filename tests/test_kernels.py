@@ -45,8 +45,9 @@ def random_tables(ctx_lens, block_size, num_blocks, seed):
     return torch.tensor(tables, dtype=torch.int32, device=DEVICE)
 
 
-def reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale):
-    """Causal attention in fp32 by gathering each sequence's keys: q [T, H, D]."""
+def reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window=0):
+    """Causal attention in fp32 by gathering each sequence's keys: q [T, H, D]; ``window`` > 0:
+    a query sees only the ``window`` positions up to its own."""
     out, start = [], 0
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     for i, (ql, ctx) in enumerate(zip(q_lens, ctx_lens)):
@@ -60,7 +61,9 @@ def reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale):
         v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(q.shape[1] // hkv, 1)
         s = torch.einsum("qhd,khd->hqk", qi, k) * scale
         pos = torch.arange(ctx - ql, ctx, device=q.device)[:, None]
-        s = s.masked_fill(torch.arange(ctx, device=q.device)[None] > pos, float("-inf"))
+        keys = torch.arange(ctx, device=q.device)[None]
+        hidden = (keys > pos) | ((pos - keys >= window) if window else False)
+        s = s.masked_fill(hidden, float("-inf"))
         out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
     return torch.cat(out)
 
@@ -171,6 +174,41 @@ def test_prefill_attention_over_cached_prefixes_matches_reference(dtype, group, 
     ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     out = prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, q_lens, head_dim ** -0.5,
                             block_m=16, block_n=16)
+    ref = reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, head_dim ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("window", [0, 21])
+def test_prefill_attention_of_long_chunks_matches_reference(window):
+    # 16-row tiles over 70- and 53-token chunks (after 30 cached tokens): most key blocks are
+    # visible to a whole tile (the unmasked loop), the rest straddle the diagonal or, with a
+    # sliding window, its far edge.
+    hkv, group, head_dim, block_size = 2, 2, 32, 16
+    q_lens, ctx_lens = [70, 53], [70, 83]
+    k_cache, v_cache = paged_cache(16, block_size, hkv, head_dim, torch.float32, seed=8)
+    tables = random_tables(ctx_lens, block_size, 16, seed=9)
+    q = torch.randn(sum(q_lens), hkv * group, head_dim).to(DEVICE)
+    qsl = torch.tensor([0, 70, 123], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    out = prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, q_lens, 0.2, window or None,
+                            block_m=16, block_n=16)
+    ref = reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, 0.2, window)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_attention_at_llama_shapes_matches_reference_on_gpu(dtype):
+    hkv, group, head_dim, block_size = 8, 4, 128, 16
+    q_lens, ctx_lens = [2048, 300], [2048, 811]  # a prompt, and a chunk after cached tokens
+    blocks = sum(-(-c // block_size) for c in ctx_lens)
+    k_cache, v_cache = paged_cache(blocks, block_size, hkv, head_dim, dtype, seed=1)
+    tables = random_tables(ctx_lens, block_size, blocks, seed=2)
+    q = torch.randn(sum(q_lens), hkv * group, head_dim).to(DEVICE, dtype)
+    qsl = torch.tensor([0, 2048, 2348], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    out = prefill_attention(q, k_cache, v_cache, tables, qsl, ctx, q_lens, head_dim ** -0.5)
     ref = reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, head_dim ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 

@@ -79,7 +79,7 @@ def test_weight_only_linear_matches_reference(dtype, bits, group_size, sym, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 17, 33])
+@pytest.mark.parametrize("m", [1, 3, 17, 33, 257])  # 257: the TMA kernel (prefill)
 def test_w8a8_linear_matches_reference(dtype, m):
     qw = random_quantized(72, 192, W8A8, seed=m)
     x = random_x(m, 192, dtype, seed=m + 1)
@@ -113,6 +113,25 @@ def test_bias_is_added_once(scheme, kernel, split_k):
     config = KernelConfig(kernel, 16, 32, 32, split_k=split_k)
     out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias, config=config)
     assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
+
+
+@pytest.mark.parametrize("m,k,n", [(37, 192, 72), (16, 80, 40), (1, 64, 33)])
+def test_w8a8_tma_kernel_matches_reference_at_ragged_edges(m, k, n):
+    # Tiles of 16 x 32 x 64: rows, channels and K (80: 16-wide K tiles) end mid-tile, where
+    # TMA fills zeros and the stores are masked.
+    qw = random_quantized(n, k, W8A8, seed=m + n)
+    x = random_x(m, k, torch.float16, seed=k)
+    bias = torch.randn(n).to(DEVICE, torch.float16)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias,
+                       config=KernelConfig("tma", 16, 32, 64))
+    assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
+
+
+def test_tma_kernel_is_refused_for_weight_only_weights():
+    qw = random_quantized(48, 64, QuantScheme(4, 32, False), seed=1)
+    with pytest.raises(ValueError, match="TMA kernel is for W8A8"):
+        quant_linear(random_x(3, 64, torch.float16, seed=2),
+                     prepare_quant_weight(qw, torch.float16), config=KernelConfig("tma", 16, 32, 64))
 
 
 def test_quantize_rows_rounds_half_to_even_like_torch():

@@ -22,7 +22,8 @@ picks a kernel by M, the rows of x, with thresholds from H100 sweeps (``choose_c
   waiting on the unpacking: 0.5-0.65x fp16 at M=2048, against 0.82-0.88x this way.
 * W8A8 activations: ``_quantize_rows_kernel``, per-row absmax int8 exactly as
   ``quantize_activations_per_token``; the int8 x int8 -> int32 dot applies row x channel
-  scales in its epilogue.
+  scales in its epilogue. Above 256 rows (prefill) on Hopper, ``_int8_tma_kernel`` loads both
+  tiles by TMA (1.1-1.3x faster than pointer loads at 2,048 rows, H200).
 
 Invariants: BLOCK_K divides the group size (so a K tile lies in one group) and K; split
 boundaries fall on BLOCK_K; out-of-range rows and channels are clamped on load (recomputing a
@@ -33,6 +34,7 @@ half2 GEMV adds its own, in its last program per tile (``split_counters``), in s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from twinfer.quant import QuantizedWeight, quantize_activations_per_token
 from twinfer_kernels.gemv_fusion import add_residual, gathered_input, row_rstd
@@ -86,7 +89,8 @@ class KernelConfig:
     """Tile shape and launch parameters; ``quant_linear`` picks one unless given."""
 
     # "gemv" (weight-only, M=1, float32 math), "gemv_h2" (the same in half2 math: fp16 on
-    # CUDA, twinfer_kernels/half2_gemv.py), "dot", or "dequant" (weight-only, then cuBLAS)
+    # CUDA, twinfer_kernels/half2_gemv.py), "dot", "tma" (W8A8 with TMA loads: Hopper, the
+    # interpreter; "dot" elsewhere), or "dequant" (weight-only, then cuBLAS)
     kernel: str
     block_m: int
     block_n: int
@@ -324,6 +328,32 @@ def _int8_dot_kernel(
 
 
 @triton.jit
+def _int8_tma_kernel(
+    x_desc, w_desc, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # W8A8 for many rows (prefill): both int8 tiles arrive by TMA (x_desc [M, K], w_desc [N, K],
+    # zero-filled past the edges), out = x @ W.T in the natural orientation so the epilogue's
+    # stores run along N. H200, M = 2,048 at Llama-8B shapes: 1.81-2.02x fp16 cuBLAS, against
+    # 1.54-1.73x for _int8_dot_kernel's pointer loads at its best tile (RESULTS.md).
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([pid_m * BLOCK_M, k0])
+        b = w_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)  # exact for K < 2**17
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out = acc.to(tl.float32) * tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    out *= tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
                           BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -356,6 +386,16 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small number keeps the grid small
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tma_loads(device: torch.device, K: int) -> bool:
+    """Whether int8 [*, K] tiles can come by TMA: Hopper or newer (the interpreter emulates it)
+    and rows of a multiple of 16 bytes."""
+    if K % 16:
+        return False
+    if device.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _fit_block_k(block_k: int, group_size: int, K: int | None = None) -> int:
@@ -394,17 +434,34 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     elif M <= 16:
         cfg = KernelConfig("dot", 16, 64, 128 if w.bits == 4 else 256, num_stages=4)
         per_sm = 4 if w.bits == 4 and w.act_bits == 16 else 2
+    elif w.bits == 4 and w.act_bits == 16 and M <= DENSE_MIN_M:
+        return _w4_mid_m_config(M, N, K, num_sms)
     elif M <= 64 or w.act_bits == 8 and M <= 256:
         cfg = KernelConfig("dot", 64, 64, 128, num_stages=4)
-        per_sm = 4 if w.bits == 4 and w.act_bits == 16 else 2
+        per_sm = 2
     elif w.act_bits == 16:  # M <= DENSE_MIN_M
         cfg, per_sm = KernelConfig("dot", 128, 64, 128, num_stages=3), 1
-    else:  # W8A8 prefill
-        return KernelConfig("dot", 128, 128, 128, num_warps=8, num_stages=3)
+    else:  # W8A8 prefill: TMA loads where the device has them (quant_linear falls back)
+        return KernelConfig("tma", 128, 128, 128, num_warps=8, num_stages=3)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     split = max(1, min(K // cfg.block_k, per_sm * num_sms // tiles))
     return KernelConfig(cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_k, split,
                         cfg.num_warps, cfg.num_stages)
+
+
+def _w4_mid_m_config(M: int, N: int, K: int, num_sms: int) -> KernelConfig:
+    """4-bit weight-only tiles for 17-256 rows, from an H200 sweep at Llama-8B shapes
+    (RESULTS.md): up to 64 rows, 64 x 64 tiles and ~4 programs per SM; above, one tile of up to
+    256 rows (each weight tile is unpacked once), 8 warps and ~1 program per SM. Three stages
+    (four cost up to 1.2x), and split-K by a power of two so that the splits are equal."""
+    if M <= 64:
+        cfg, per_sm = KernelConfig("dot", 64, 64, 128, num_stages=3), 4
+    else:
+        cfg, per_sm = KernelConfig("dot", min(256, triton.next_power_of_2(M)), 128, 128,
+                                   num_warps=8, num_stages=3), 1
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    split = max(1, min(K // cfg.block_k, per_sm * num_sms // tiles))
+    return dataclasses.replace(cfg, split_k=1 << (split.bit_length() - 1))
 
 
 def _half2_w4_g128_config(N: int, K: int) -> KernelConfig:
@@ -468,6 +525,10 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     cfg = config or choose_config(M, N, K, w, _num_sms(x.device), half2)
     if cfg.kernel == "gemv_h2" and not half2:
         raise ValueError("the half2 GEMV needs fp16 activations on CUDA (not the interpreter)")
+    if cfg.kernel == "tma" and (w.act_bits != 8 or cfg.split_k != 1):
+        raise ValueError("the TMA kernel is for W8A8 without split-K")
+    if cfg.kernel == "tma" and not _tma_loads(x.device, K):
+        cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
     if (fusion or pdl) and cfg.kernel not in ("gemv", "gemv_h2"):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
                          f"GEMV kernels, not {cfg.kernel!r}")
@@ -492,7 +553,14 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     perm = input_perm if input_perm is not None else out
     res = residual.reshape(M, N) if residual is not None else out
     sum_residual = residual is not None and num_splits > 1  # then _sum_splits_kernel adds it
-    if w.act_bits == 8:
+    if w.act_bits == 8 and cfg.kernel == "tma":
+        xq, x_scale = quantize_rows(x2)
+        x_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(w.qweight, [cfg.block_n, block_k])
+        _int8_tma_kernel[(tiles,)](
+            x_desc, w_desc, x_scale, w.scales, b, out, M, N, K, N, BLOCK_M=cfg.block_m,
+            GROUP_M=cfg.group_m, **meta)
+    elif w.act_bits == 8:
         xq, x_scale = quantize_rows(x2)
         _int8_dot_kernel[(tiles, num_splits)](
             xq, x_scale, w.qweight, w.scales, b, part, M, N, K, k_per_split,
