@@ -107,7 +107,9 @@ def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: flo
     # prefill: 2 * (linear params) * T + attention (causal: 2 * 2 * T^2/2 * H * D per layer)
     t = args.prefill
     pb = prefill_batch(t, bs)
-    ms = triton.testing.do_bench(lambda: runner.execute(pb), warmup=3, rep=20)
+    # do_bench's warmup and rep are milliseconds: ~10 prefills, median (20 ms was one call)
+    ms = triton.testing.do_bench(lambda: runner.execute(pb), warmup=100, rep=500,
+                                 return_mode="median")
     flops = 2 * (linear_bytes // 2) * t + 2 * cfg.num_layers * t * t * cfg.num_heads \
         * cfg.head_dim + 2 * (head_bytes // 2)
     rows.append({"what": f"prefill {t} tokens", "ms": ms, "TFLOP/s": flops / ms / 1e9,

@@ -81,18 +81,19 @@ def sweep_configs(m: int, bits: int, act_bits: int) -> list[KernelConfig]:
             cfgs += [C("gemv", 1, bn, 256, s) for bn in (16, 32, 64) for s in (2, 4, 8)]
         return cfgs
     if act_bits == 16 and m <= 256:
-        return [C("dot", bm, bn, bk, s, w, st) for bm, bn, bk, s, w, st in
-                [(64, 64, 128, 1, 4, 4), (64, 64, 128, 2, 4, 4), (128, 64, 64, 1, 4, 4),
-                 (128, 64, 64, 2, 4, 4), (128, 64, 128, 1, 4, 3), (256, 64, 64, 1, 4, 3),
-                 (256, 64, 64, 1, 8, 3), (128, 128, 64, 1, 8, 3)]] + [C("dequant", 1, 64, 128)]
+        bm = min(256, triton.next_power_of_2(m))
+        return [C("dot", b, bn, 128, s, w, 3) for b in (bm, bm // 2) for bn in (64, 128)
+                for s in (1, 2, 4) for w in (4, 8)] + [C("dequant", 1, 64, 128)]
     if act_bits == 16:
         return [C("dot", 256, 128, 64, 1, 8, 3), C("dequant", 1, 64, 128),
                 C("dequant", 1, 32, 256, num_warps=8)]
     if m <= 256:
         return [C("dot", 64, 64, 128, 1, 4, 4), C("dot", 128, 128, 128, 1, 8, 3),
                 C("dot", 128, 64, 128, 1, 4, 4), C("dot", 64, 128, 128, 1, 4, 4)]
-    return [C("dot", 128, 128, 128, 1, 8, 3), C("dot", 128, 256, 128, 1, 8, 3),
-            C("dot", 256, 128, 128, 1, 8, 3), C("dot", 128, 128, 64, 1, 8, 4)]
+    return [C(kind, bm, bn, bk, 1, w, st) for kind in ("tma", "dot")
+            for bm, bn, bk, w, st in [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+                                      (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                      (128, 128, 64, 4, 4), (128, 256, 128, 8, 4)]]
 
 
 def run_case(k: int, n: int, m: int, copy_bw: float, sweep: bool) -> dict:

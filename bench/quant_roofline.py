@@ -73,7 +73,9 @@ def measure(weights: ModelWeights, batches, context, prefill, bw) -> dict:
         roofline_ms = (weight_bytes + n * context * kv_per_token) / bw * 1e3
         out[f"decode{n}"] = (n / ms * 1e3, roofline_ms / ms)
     pb = prefill_batch(prefill, bs)
-    out["prefill_ms"] = triton.testing.do_bench(lambda: runner.execute(pb), warmup=3, rep=20)
+    # do_bench's warmup and rep are milliseconds: ~10 prefills, median (20 ms was one call)
+    out["prefill_ms"] = triton.testing.do_bench(lambda: runner.execute(pb), warmup=100,
+                                                rep=500, return_mode="median")
     torch.cuda.empty_cache()
     return out
 

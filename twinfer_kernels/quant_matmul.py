@@ -450,17 +450,22 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
 
 
 def _w4_mid_m_config(M: int, N: int, K: int, num_sms: int) -> KernelConfig:
-    """4-bit weight-only tiles for 17-256 rows, from an H200 sweep at Llama-8B shapes
-    (RESULTS.md): up to 64 rows, 64 x 64 tiles and ~4 programs per SM; above, one tile of up to
-    256 rows (each weight tile is unpacked once), 8 warps and ~1 program per SM. Three stages
-    (four cost up to 1.2x), and split-K by a power of two so that the splits are equal."""
+    """4-bit weight-only tiles for 17-256 rows, from H200 sweeps at Llama-8B shapes
+    (RESULTS.md): up to 64 rows, 64 x 64 tiles and ~4 programs per SM, at most 4 splits;
+    above, one tile of up to 256 rows (each weight tile is unpacked once), 8 warps and ~1
+    program per SM, except where 128 x 128 tiles alone would fill more than the SMs (gate/up
+    at 100-128 rows: 128 x 64 on 4 warps). Three stages (four cost up to 1.2x), and split-K
+    by a power of two so that the splits are equal."""
+    max_split = K // 128
     if M <= 64:
-        cfg, per_sm = KernelConfig("dot", 64, 64, 128, num_stages=3), 4
+        cfg, per_sm, max_split = KernelConfig("dot", 64, 64, 128, num_stages=3), 4, 4
+    elif M <= 128 and triton.cdiv(N, 128) > num_sms:
+        return KernelConfig("dot", 128, 64, 128, 1, num_stages=3)
     else:
         cfg, per_sm = KernelConfig("dot", min(256, triton.next_power_of_2(M)), 128, 128,
                                    num_warps=8, num_stages=3), 1
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    split = max(1, min(K // cfg.block_k, per_sm * num_sms // tiles))
+    split = max(1, min(max_split, per_sm * num_sms // tiles))
     return dataclasses.replace(cfg, split_k=1 << (split.bit_length() - 1))
 
 
