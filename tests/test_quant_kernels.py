@@ -68,7 +68,7 @@ def assert_close_to_reference(out, ref, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,group_size,sym", WEIGHT_ONLY)
-@pytest.mark.parametrize("m", [1, 3, 17, 33, 65, 257])
+@pytest.mark.parametrize("m", [1, 3, 17, 33, 65, 129, 257])
 def test_weight_only_linear_matches_reference(dtype, bits, group_size, sym, m):
     k, n = (192, 72) if m % 2 else (64, 48)
     qw = random_quantized(n, k, QuantScheme(bits, group_size, sym), seed=m + bits)

@@ -434,8 +434,8 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     elif M <= 16:
         cfg = KernelConfig("dot", 16, 64, 128 if w.bits == 4 else 256, num_stages=4)
         per_sm = 4 if w.bits == 4 and w.act_bits == 16 else 2
-    elif w.bits == 4 and w.act_bits == 16 and M <= DENSE_MIN_M:
-        return _w4_mid_m_config(M, N, K, num_sms)
+    elif w.act_bits == 16 and M <= DENSE_MIN_M and (w.bits == 4 or M > 128):
+        return _weight_only_mid_m_config(M, N, K, num_sms)
     elif M <= 64 or w.act_bits == 8 and M <= 256:
         cfg = KernelConfig("dot", 64, 64, 128, num_stages=4)
         per_sm = 2
@@ -449,8 +449,9 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
                         cfg.num_warps, cfg.num_stages)
 
 
-def _w4_mid_m_config(M: int, N: int, K: int, num_sms: int) -> KernelConfig:
-    """4-bit weight-only tiles for 17-256 rows, from H200 sweeps at Llama-8B shapes
+def _weight_only_mid_m_config(M: int, N: int, K: int, num_sms: int) -> KernelConfig:
+    """Weight-only tiles for 17-256 rows of 4-bit and 129-256 rows of 8-bit weights (8-bit
+    below keeps the older tiles: not swept yet), from H200 sweeps at Llama-8B shapes
     (RESULTS.md): up to 64 rows, 64 x 64 tiles and ~4 programs per SM, at most 4 splits;
     above, one tile of up to 256 rows (each weight tile is unpacked once), 8 warps and ~1
     program per SM, except where 128 x 128 tiles alone would fill more than the SMs (gate/up
