@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gemv-inputs", choices=["auto", "fused", "separate"], default="auto",
                     help="one-row step: norms / SiLU inside the GEMVs or as separate kernels "
                          "(auto: inside for dense weights only): A/B")
+    ap.add_argument("--no-int8-from-norms", action="store_true",
+                    help="W8A8: each linear quantizes its own input (no int8 out of the norms "
+                         "and SiLU-and-mul): A/B")
     ap.add_argument("--no-pdl", action="store_true",
                     help="fused one-row step without programmatic dependent launches: A/B")
     args = ap.parse_args(argv)
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     del weights
     if args.no_pdl:
         runner.model.pdl = False
+    runner.model.int8_from_norms = not args.no_int8_from_norms
     if args.unfused or args.cublas_only:
         runner.model.fuse_one_row = False
     if args.gemv_inputs != "auto":

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from twinfer.quant import QuantizedWeight
 from twinfer.weights import ModelWeights, WeightsError
 from twinfer_kernels.dense_gemv import dense_gemv
+from twinfer_kernels.int8_activations import QuantizedActivation
 from twinfer_kernels.quant_matmul import PreparedQuantWeight, prepare_quant_weight, quant_linear
 
 
@@ -33,7 +34,15 @@ class FastLinear:
             return self.weight.numel() * self.weight.element_size()
         return self.quantized.nbytes
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_int8(self) -> bool:
+        """Whether the input may come as per-token int8 (a W8A8 weight): the kernel before
+        then quantizes it (elementwise.rms_norm_int8 / silu_and_mul_int8)."""
+        return self.quantized is not None and self.quantized.act_bits == 8
+
+    def __call__(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return quant_linear(x, self.quantized, self.bias)  # W8A8: no act-order gather
         if self.quantized is None:
             if self.row_gemv and x.shape[0] == 1:
                 return dense_gemv(x, self.weight, self.bias)

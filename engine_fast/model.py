@@ -21,7 +21,7 @@ from engine_torch.layers import rope_inv_freq
 from twinfer.batch import AttentionMetadata
 from twinfer.weights import ModelWeights
 from twinfer_kernels.decode_attention import NewKV, decode_attention
-from twinfer_kernels.elementwise import rms_norm, silu_and_mul
+from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
 from twinfer_kernels.prefill_attention import BLOCK_M, make_tiles, prefill_attention
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
@@ -104,6 +104,9 @@ class FastLlama:
         self.fuse_gemv_inputs = all(lin.quantized is None for lin in linears)
         # Programmatic dependent launches between the fused step's kernels (Hopper on).
         self.pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        # W8A8 linears get their input as int8 from the norm / SiLU-and-mul kernel before them
+        # rather than from a quantize kernel of their own (off: for A/B measurements).
+        self.int8_from_norms = True
 
     def forward(self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 decode_only: bool, num_splits: int = 1) -> torch.Tensor:
@@ -118,7 +121,8 @@ class FastLlama:
         residual = None
         tiles = None if decode_only else make_tiles(meta.query_lens_cpu, BLOCK_M, x.device)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h, residual = rms_norm(x, layer.input_norm, eps, residual, layer.input_norm_perm)
+            h, residual = self._norm_for(layer.qkv_proj, x, layer.input_norm, residual,
+                                         layer.input_norm_perm)
             qkv = layer.qkv_proj(h)
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
@@ -138,10 +142,23 @@ class FastLlama:
                                       meta.query_lens_cpu, D ** -0.5, cfg.sliding_window,
                                       out_cols=layer.attention_out_cols, tiles=tiles)
             x = layer.o_proj(o.view(T, H * D))
-            h, residual = rms_norm(x, layer.post_attention_norm, eps, residual,
-                                   layer.post_attention_norm_perm)
-            x = layer.down_proj(silu_and_mul(layer.gate_up_proj(h)))
+            h, residual = self._norm_for(layer.gate_up_proj, x, layer.post_attention_norm,
+                                         residual, layer.post_attention_norm_perm)
+            gate_up = layer.gate_up_proj(h)
+            if layer.down_proj.takes_int8 and self.int8_from_norms:
+                x = layer.down_proj(silu_and_mul_int8(gate_up))
+            else:
+                x = layer.down_proj(silu_and_mul(gate_up))
         return rms_norm(x, self.norm, eps, residual)[0]
+
+    def _norm_for(self, linear: FastLinear, x: torch.Tensor, weight: torch.Tensor,
+                  residual: torch.Tensor | None, perm: torch.Tensor | None):
+        """rms_norm(x, weight, eps, residual, perm) as ``linear`` wants its input: per-token
+        int8 for a W8A8 weight (which has no act-order perm)."""
+        eps = self.config.rms_norm_eps
+        if linear.takes_int8 and self.int8_from_norms and perm is None:
+            return rms_norm_int8(x, weight, eps, residual)
+        return rms_norm(x, weight, eps, residual, perm)
 
     def _forward_one_row(self, meta: AttentionMetadata,
                          kv_caches: list[tuple[torch.Tensor, torch.Tensor]],

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from twinfer_kernels.decode_attention import NewKV, decode_attention
-from twinfer_kernels.elementwise import rms_norm, silu_and_mul
+from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
 from twinfer_kernels.prefill_attention import prefill_attention
+from twinfer_kernels.quant_matmul import quantize_rows
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,6 +246,29 @@ def test_silu_and_mul_matches_reference(dtype, n):
     x = torch.randn(4, 2 * n).to(DEVICE, dtype)
     ref = torch.nn.functional.silu(x[:, :n].float()) * x[:, n:].float()
     torch.testing.assert_close(silu_and_mul(x).float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_int8_equals_quantizing_the_norm_afterwards(dtype, with_residual):
+    x = torch.randn(5, 96).to(DEVICE, dtype)
+    x[1] = 0  # an all-zero row: the minimum scale
+    res = torch.randn(5, 96).to(DEVICE, dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(96)).to(DEVICE, dtype)
+    q, new_res = rms_norm_int8(x, w, 1e-6, res)
+    out, ref_res = rms_norm(x, w, 1e-6, res)
+    ref = quantize_rows(out)
+    assert q.dtype == dtype and torch.equal(new_res, ref_res)
+    assert torch.equal(q.values, ref.values) and torch.equal(q.scales, ref.scales)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [40, 1000])  # 1000: one program spans the row beyond 1024 lanes
+def test_silu_and_mul_int8_equals_quantizing_the_product_afterwards(dtype, n):
+    x = torch.randn(3, 2 * n).to(DEVICE, dtype)
+    q, ref = silu_and_mul_int8(x), quantize_rows(silu_and_mul(x))
+    assert q.values.shape == (3, n) and q.dtype == dtype
+    assert torch.equal(q.values, ref.values) and torch.equal(q.scales, ref.scales)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -127,6 +127,24 @@ def test_w8a8_tma_kernel_matches_reference_at_ragged_edges(m, k, n):
     assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
 
 
+@pytest.mark.parametrize("m", [3, 257])  # the pointer kernel; the TMA kernel
+def test_w8a8_linear_takes_rows_already_quantized(m):
+    qw = random_quantized(40, 64, W8A8, seed=m)
+    w = prepare_quant_weight(qw, torch.float16)
+    x = random_x(m, 64, torch.float16, seed=3)
+    bias = torch.randn(40).to(DEVICE, torch.float16)
+    out = quant_linear(quantize_rows(x), w, bias)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, quant_linear(x, w, bias))
+
+
+def test_int8_rows_are_refused_by_weight_only_weights():
+    qw = random_quantized(40, 64, QuantScheme(8, -1, True), seed=1)
+    x = quantize_rows(random_x(2, 64, torch.float16, seed=2))
+    with pytest.raises(ValueError, match="int8 activations need a W8A8 weight"):
+        quant_linear(x, prepare_quant_weight(qw, torch.float16))
+
+
 def test_tma_kernel_is_refused_for_weight_only_weights():
     qw = random_quantized(48, 64, QuantScheme(4, 32, False), seed=1)
     with pytest.raises(ValueError, match="TMA kernel is for W8A8"):
@@ -141,7 +159,8 @@ def test_quantize_rows_rounds_half_to_even_like_torch():
     x[3, 8] = 3.0
     half_step = torch.tensor(3.0) / 127 * 0.5  # exactly half a step: rounds to even (0)
     x[3, 7], x[3, 9] = half_step, -half_step
-    xq, scale = quantize_rows(x)
+    q = quantize_rows(x)
+    xq, scale = q.values, q.scales
     _, ref_scale = quantize_activations_per_token(x)
     # absmax / 127: torch on CUDA multiplies by the reciprocal, so allow one ulp.
     torch.testing.assert_close(scale, ref_scale[:, 0], rtol=2.4e-7, atol=0)

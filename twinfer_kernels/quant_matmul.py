@@ -48,6 +48,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from twinfer.quant import QuantizedWeight, quantize_activations_per_token
 from twinfer_kernels.gemv_fusion import add_residual, gathered_input, row_rstd
 from twinfer_kernels.half2_gemv import gemv_half2_kernel
+from twinfer_kernels.int8_activations import QuantizedActivation, quantize_row
 
 GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
 DENSE_MIN_M = 256  # weight-only: above this many rows, dequantize once and use cuBLAS
@@ -359,10 +360,7 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm,
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-8), 127.0)
-    v = tl.math.div_rn(x, scale)  # IEEE division, as torch does
-    v = (v + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds half to even, like torch.round
-    q = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+    q, scale = quantize_row(x)
     tl.store(xq_ptr + row * stride_qm + cols, q, mask=cols < K)
     tl.store(scale_ptr + row, scale)
 
@@ -484,20 +482,20 @@ def _half2_w4_g128_config(N: int, K: int) -> KernelConfig:
     return KernelConfig("gemv_h2", 1, 64, 128, 16)  # down 4096 x 14336: 18.6 us (18.9)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-row int8 (quantize_activations_per_token on the GPU): x [M, K] ->
-    (int8 [M, K], float32 [M])."""
+def quantize_rows(x: torch.Tensor) -> QuantizedActivation:
+    """Dynamic per-row int8 (quantize_activations_per_token on the GPU) of x [M, K]."""
     M, K = x.shape
-    xq = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    out = QuantizedActivation.empty(M, K, x.dtype, x.device)
     block = triton.next_power_of_2(K)
     if M:
-        _quantize_rows_kernel[(M,)](x, xq, scale, K, x.stride(0), xq.stride(0), BLOCK=block,
+        _quantize_rows_kernel[(M,)](x, out.values, out.scales, K, x.stride(0),
+                                    out.values.stride(0), BLOCK=block,
                                     num_warps=min(16, max(4, block // 1024)))
-    return xq, scale
+    return out
 
 
-def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | None = None,
+def quant_linear(x: torch.Tensor | QuantizedActivation, w: PreparedQuantWeight,
+                 bias: torch.Tensor | None = None,
                  config: KernelConfig | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
                  input_perm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
@@ -509,21 +507,30 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     ``norm_weight`` [K] (the input is RMSNorm(x) * norm_weight, ``eps`` the norm's), ``silu``
     (x is [1, 2K] = [gate | up], the input silu(gate) * up), ``input_perm`` [K] (input column
     k is column input_perm[k] of the above: an act-order gather), ``residual`` [1, N] (returns
-    x W^T + residual) and ``pdl`` (a programmatic dependent launch, CUDA sm_90+)."""
+    x W^T + residual) and ``pdl`` (a programmatic dependent launch, CUDA sm_90+).
+
+    A W8A8 weight also takes x already quantized per row (``QuantizedActivation``, made by
+    the kernel before: elementwise.rms_norm_int8 / silu_and_mul_int8)."""
     N, K = w.out_features, w.in_features
     k_in = 2 * K if silu else K
-    if x.shape[-1] != k_in or x.dtype != w.dtype:
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match the weight: K={K}"
+    int8_x = x if isinstance(x, QuantizedActivation) else None
+    if int8_x is not None:
+        if w.act_bits != 8:
+            raise ValueError("int8 activations need a W8A8 weight, not a weight-only one")
+        x = int8_x.values  # the shapes below; the dtype is the one x had
+    dtype = int8_x.dtype if int8_x is not None else x.dtype
+    if x.shape[-1] != k_in or dtype != w.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {dtype} does not match the weight: K={K}"
                          f"{' (x is [gate | up], 2K)' if silu else ''}, prepared for {w.dtype}")
-    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be [{N}] in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != dtype):
+        raise ValueError(f"bias must be [{N}] in {dtype}, got {tuple(bias.shape)} {bias.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
         x2 = x2.contiguous()  # the half2 GEMV reads x as int32 pairs
     M = x2.shape[0]
-    fusion = _check_fusion(M, N, K, x.dtype, w, norm_weight, silu, input_perm, residual)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    fusion = _check_fusion(M, N, K, dtype, w, norm_weight, silu, input_perm, residual)
+    out = torch.empty(M, N, dtype=dtype, device=x.device)
     if M == 0:
         return out.view(*lead, N)
     half2 = (x.dtype == torch.float16 and w.scales.dtype == torch.float16 and x.is_cuda
@@ -559,15 +566,16 @@ def quant_linear(x: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     perm = input_perm if input_perm is not None else out
     res = residual.reshape(M, N) if residual is not None else out
     sum_residual = residual is not None and num_splits > 1  # then _sum_splits_kernel adds it
+    if w.act_bits == 8:  # int8 rows: given, or quantized here
+        xa = int8_x if int8_x is not None else quantize_rows(x2)
+        xq, x_scale = xa.values.reshape(M, K), xa.scales
     if w.act_bits == 8 and cfg.kernel == "tma":
-        xq, x_scale = quantize_rows(x2)
         x_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, block_k])
         w_desc = TensorDescriptor.from_tensor(w.qweight, [cfg.block_n, block_k])
         _int8_tma_kernel[(tiles,)](
             x_desc, w_desc, x_scale, w.scales, b, out, M, N, K, N, BLOCK_M=cfg.block_m,
             GROUP_M=cfg.group_m, **meta)
     elif w.act_bits == 8:
-        xq, x_scale = quantize_rows(x2)
         _int8_dot_kernel[(tiles, num_splits)](
             xq, x_scale, w.qweight, w.scales, b, part, M, N, K, k_per_split,
             xq.stride(0), w.qweight.stride(0), N, M * N,
