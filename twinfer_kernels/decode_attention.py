@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from twinfer_kernels.pdl import launch_options
+
 
 @dataclass
 class NewKV:
@@ -214,7 +216,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_o = torch.empty(*parts, D, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(*parts, dtype=torch.float32, device=q.device)
     kv = new_kv or NewKV(q, q, context_lens, context_lens, context_lens)  # unread stand-ins
-    launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+    launch = {"PDL": pdl, **launch_options(pdl)}
     _decode_attention_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
         out_cols if out_cols is not None else out, scale, kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,

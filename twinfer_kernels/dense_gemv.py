@@ -32,6 +32,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from twinfer_kernels.gemv_fusion import add_residual, gemv_input, row_rstd
+from twinfer_kernels.pdl import launch_options
 
 
 @triton.jit
@@ -135,5 +136,5 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
             BLOCK_K=min(block_k, triton.next_power_of_2(K)),
             K_POW2=triton.next_power_of_2(K), PDL=pdl, num_warps=num_warps,
-            **({"launch_pdl": True} if pdl else {}))
+            **launch_options(pdl))
     return out

@@ -6,19 +6,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from twinfer_kernels.int8_activations import QuantizedActivation, quantize_row
-
-
-@triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """A small kernel in a programmatic-dependent-launch chain (see dense_gemv.py): wait for
-    the kernel before, then let the next one launch at once, so that its weight loads overlap
-    this kernel."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+from twinfer_kernels.pdl import launch_options, pdl_start
 
 
 @triton.jit
@@ -49,7 +39,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, perm_ptr, out_ptr, scale_p
                      residual_out_ptr, eps, stride_x, stride_r, stride_o, stride_ro, N,
                      HAS_RESIDUAL: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr, INT8: tl.constexpr):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -90,8 +80,7 @@ def _rms_norm_launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
                               HAS_RESIDUAL=residual is not None,
                               HAS_PERM=out_perm is not None, BLOCK=block, PDL=pdl,
                               INT8=scales is not None,
-                              num_warps=min(16, max(4, block // 512)),
-                              **({"launch_pdl": True} if pdl else {}))
+                              num_warps=min(16, max(4, block // 512)), **launch_options(pdl))
     return residual_out
 
 
@@ -119,7 +108,7 @@ def rms_norm_int8(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_o, N, BLOCK: tl.constexpr,
                          PDL: tl.constexpr, INT8: tl.constexpr):
     # INT8: one program holds a whole row (BLOCK >= N), since the scale needs its absmax.
-    _pdl_start(PDL)
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -143,7 +132,7 @@ def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     if rows:
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](
             x, out, out, x.stride(0), out.stride(0), n, BLOCK=block, PDL=pdl, INT8=False,
-            **({"launch_pdl": True} if pdl else {}))
+            **launch_options(pdl))
     return out
 
 

@@ -49,6 +49,7 @@ from twinfer.quant import QuantizedWeight, quantize_activations_per_token
 from twinfer_kernels.gemv_fusion import add_residual, gathered_input, row_rstd
 from twinfer_kernels.half2_gemv import gemv_half2_kernel
 from twinfer_kernels.int8_activations import QuantizedActivation, quantize_row
+from twinfer_kernels.pdl import launch_options
 
 GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
 DENSE_MIN_M = 256  # weight-only: above this many rows, dequantize once and use cuBLAS
@@ -561,8 +562,7 @@ def quant_linear(x: torch.Tensor | QuantizedActivation, w: PreparedQuantWeight,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # Fusion operands; pointers never read when their flag is off point at out.
     fused_meta = dict(NORM=norm_weight is not None, SILU=silu, PERM=input_perm is not None,
-                      K_POW2=triton.next_power_of_2(K), PDL=pdl,
-                      **({"launch_pdl": True} if pdl else {}))
+                      K_POW2=triton.next_power_of_2(K), PDL=pdl, **launch_options(pdl))
     perm = input_perm if input_perm is not None else out
     res = residual.reshape(M, N) if residual is not None else out
     sum_residual = residual is not None and num_splits > 1  # then _sum_splits_kernel adds it
