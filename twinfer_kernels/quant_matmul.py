@@ -534,93 +534,188 @@ def quant_linear(x: torch.Tensor | QuantizedActivation, w: PreparedQuantWeight,
     out = torch.empty(M, N, dtype=dtype, device=x.device)
     if M == 0:
         return out.view(*lead, N)
-    half2 = (x.dtype == torch.float16 and w.scales.dtype == torch.float16 and x.is_cuda
+    cfg = _resolve_config(config, x2, w, fusion or pdl)
+    if cfg.kernel == "dequant":
+        dense = dequantize(w, cfg)
+        if bias is None:
+            torch.matmul(x2, dense.T, out=out)
+        else:
+            torch.addmm(bias, x2, dense.T, out=out)
+    elif w.act_bits == 8:  # int8 rows: given, or quantized here
+        _int8_linear(int8_x if int8_x is not None else quantize_rows(x2), w, bias, cfg, out)
+    elif cfg.kernel in ("gemv", "gemv_h2"):
+        fused = _OneRowFusion(norm_weight, eps, silu, input_perm, residual, pdl, fusion)
+        (_half2_gemv if cfg.kernel == "gemv_h2" else _float_gemv)(x2, w, bias, cfg, out, fused)
+    else:
+        _dequantizing_dot(x2, w, bias, cfg, out)
+    return out.view(*lead, N)
+
+
+def _resolve_config(config: KernelConfig | None, x2: torch.Tensor, w: PreparedQuantWeight,
+                    one_row_extras: bool) -> KernelConfig:
+    """``config``, or choose_config's; errors for a kernel that cannot run here."""
+    M, N, K = x2.shape[0], w.out_features, w.in_features
+    half2 = (x2.dtype == torch.float16 and w.scales.dtype == torch.float16 and x2.is_cuda
              and os.environ.get("TRITON_INTERPRET") != "1")
-    cfg = config or choose_config(M, N, K, w, _num_sms(x.device), half2)
+    cfg = config or choose_config(M, N, K, w, _num_sms(x2.device), half2)
     if cfg.kernel == "gemv_h2" and not half2:
         raise ValueError("the half2 GEMV needs fp16 activations on CUDA (not the interpreter)")
     if cfg.kernel == "tma" and (w.act_bits != 8 or cfg.split_k != 1):
         raise ValueError("the TMA kernel is for W8A8 without split-K")
-    if cfg.kernel == "tma" and not _tma_loads(x.device, K):
+    if cfg.kernel == "tma" and not _tma_loads(x2.device, K):
         cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
-    if (fusion or pdl) and cfg.kernel not in ("gemv", "gemv_h2"):
+    if one_row_extras and cfg.kernel not in ("gemv", "gemv_h2"):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
                          f"GEMV kernels, not {cfg.kernel!r}")
-    if cfg.kernel == "dequant":
-        dense = dequantize(w, cfg)
-        return (torch.matmul(x2, dense.T, out=out) if bias is None else
-                torch.addmm(bias, x2, dense.T, out=out)).view(*lead, N)
-    block_k = _fit_block_k(cfg.block_k, w.group_size, K if cfg.kernel == "gemv_h2" else None)
-    k_per_split = triton.cdiv(K // block_k, cfg.split_k) * block_k
-    num_splits = triton.cdiv(K, k_per_split)
-    part = out if num_splits == 1 else torch.empty(num_splits, M, N, dtype=torch.float32,
-                                                   device=x.device)
-    has_bias = bias is not None and num_splits == 1
-    b = bias if bias is not None else out  # never read when HAS_BIAS is False
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    meta = dict(HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # Fusion operands; pointers never read when their flag is off point at out.
-    fused_meta = dict(NORM=norm_weight is not None, SILU=silu, PERM=input_perm is not None,
-                      K_POW2=triton.next_power_of_2(K), PDL=pdl, **launch_options(pdl))
-    perm = input_perm if input_perm is not None else out
-    res = residual.reshape(M, N) if residual is not None else out
-    sum_residual = residual is not None and num_splits > 1  # then _sum_splits_kernel adds it
-    if w.act_bits == 8:  # int8 rows: given, or quantized here
-        xa = int8_x if int8_x is not None else quantize_rows(x2)
-        xq, x_scale = xa.values.reshape(M, K), xa.scales
-    if w.act_bits == 8 and cfg.kernel == "tma":
-        x_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, block_k])
-        w_desc = TensorDescriptor.from_tensor(w.qweight, [cfg.block_n, block_k])
-        _int8_tma_kernel[(tiles,)](
-            x_desc, w_desc, x_scale, w.scales, b, out, M, N, K, N, BLOCK_M=cfg.block_m,
-            GROUP_M=cfg.group_m, **meta)
-    elif w.act_bits == 8:
-        _int8_dot_kernel[(tiles, num_splits)](
-            xq, x_scale, w.qweight, w.scales, b, part, M, N, K, k_per_split,
-            xq.stride(0), w.qweight.stride(0), N, M * N,
-            BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **meta)
-    elif cfg.kernel == "gemv":
-        words = w.qweight.view(torch.int32)  # same bytes, 32 // bits codes per word
-        _gemv_kernel[(M, triton.cdiv(N, cfg.block_n), num_splits)](
-            x2, words, w.scales, w.zeros, b,
-            norm_weight if norm_weight is not None else out, perm, res, part,
-            M, N, K, k_per_split, eps, x2.stride(0), words.stride(0), w.scales.stride(0),
-            res.stride(0), N, M * N, 0x4B000000, BITS=w.bits, GROUP_SIZE=w.group_size,
-            HAS_RESIDUAL=residual is not None and not sum_residual, **fused_meta, **meta)
-    elif cfg.kernel == "gemv_h2":
-        words, x_pairs = w.qweight.view(torch.int32), x2.view(torch.int32)
-        tiles_n = triton.cdiv(N, cfg.block_n)
-        # Split-K partials summed inside the kernel by each tile's last program: a separate
-        # reduction kernel cost 14% of a w4a16 batch-1 decode step (H200 profile).
-        fused = (num_splits > 1 and w.split_counters is not None
-                 and M * tiles_n <= w.split_counters.numel())
-        sum_residual = sum_residual and not fused
-        scratch = (torch.empty(M * tiles_n * num_splits * k_per_split, dtype=x.dtype,
-                               device=x.device) if fusion else out)
-        gemv_half2_kernel[(M, tiles_n, num_splits)](
-            x_pairs, words, w.scales, w.zeros, b,
-            norm_weight if norm_weight is not None else out, perm, res, scratch, part, out,
-            w.split_counters if fused else out, M, N, K, k_per_split, num_splits, eps,
-            x_pairs.stride(0), words.stride(0), w.scales.stride(0), res.stride(0), N, M * N,
-            BITS=w.bits, GROUP_SIZE=w.group_size, FUSED_SPLITS=fused,
-            HAS_RESIDUAL=residual is not None and not sum_residual, **fused_meta,
-            **{**meta, "HAS_BIAS": has_bias or (fused and bias is not None)})
-        if fused:
-            return out.view(*lead, N)
-    else:
-        _dot_kernel[(tiles, num_splits)](
-            x2, w.qweight, w.scales, w.zeros, b, part, M, N, K, k_per_split,
-            x2.stride(0), w.qweight.stride(0), w.scales.stride(0), N, M * N,
-            BITS=w.bits, GROUP_SIZE=w.group_size, SCALE_AFTER_DOT=w.group_size == K,
-            FP16_MATH=w.scales.dtype == torch.float16,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **meta)
-    if num_splits > 1:
+    return cfg
+
+
+@dataclass(frozen=True)
+class _OneRowFusion:
+    """quant_linear's one-row extras, passed on to the GEMV launchers."""
+
+    norm_weight: torch.Tensor | None
+    eps: float
+    silu: bool
+    input_perm: torch.Tensor | None
+    residual: torch.Tensor | None
+    pdl: bool
+    any: bool  # norm, SiLU, gather or residual (pdl is a launch option, not a fusion)
+
+    def meta(self, K: int) -> dict:
+        """The kernels' fusion flags and launch options."""
+        return dict(NORM=self.norm_weight is not None, SILU=self.silu,
+                    PERM=self.input_perm is not None, K_POW2=triton.next_power_of_2(K),
+                    PDL=self.pdl, **launch_options(self.pdl))
+
+
+@dataclass(frozen=True)
+class _Splits:
+    """How a launch splits K: programs of split s cover columns s * k_per_split onwards, in
+    BLOCK_K tiles; with more than one split they write float32 partials [num, M, N] to
+    ``part`` for _sum_splits_kernel (or the half2 GEMV's last program) to add."""
+
+    block_k: int
+    k_per_split: int
+    num: int
+    part: torch.Tensor  # the output itself with one split
+
+    @staticmethod
+    def plan(cfg: KernelConfig, w: PreparedQuantWeight, out: torch.Tensor) -> _Splits:
+        K = w.in_features
+        block_k = _fit_block_k(cfg.block_k, w.group_size, K if cfg.kernel == "gemv_h2" else None)
+        k_per_split = triton.cdiv(K // block_k, cfg.split_k) * block_k
+        num = triton.cdiv(K, k_per_split)
+        part = out if num == 1 else torch.empty(num, *out.shape, dtype=torch.float32,
+                                                device=out.device)
+        return _Splits(block_k, k_per_split, num, part)
+
+    def meta(self, cfg: KernelConfig, bias: torch.Tensor | None) -> dict:
+        """Tile and launch keywords every kernel here takes; the bias is added by the kernel
+        only without splits (else by whoever adds the partials)."""
+        return dict(HAS_BIAS=bias is not None and self.num == 1, BLOCK_N=cfg.block_n,
+                    BLOCK_K=self.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def add_partials(self, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                     out: torch.Tensor) -> None:
+        """out = sum of the partials (+ bias, + residual), when there is more than one."""
+        if self.num == 1:
+            return
+        M, N = out.shape
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](
-            part, b, res, out, num_splits, M * N, N, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=sum_residual, BLOCK=1024)
-    return out.view(*lead, N)
+            self.part, bias if bias is not None else out,
+            residual if residual is not None else out, out, self.num, M * N, N,
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024)
+
+
+def _tiles(M: int, N: int, cfg: KernelConfig) -> int:
+    return triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+
+
+def _int8_linear(xa: QuantizedActivation, w: PreparedQuantWeight, bias: torch.Tensor | None,
+                 cfg: KernelConfig, out: torch.Tensor) -> None:
+    """W8A8: int8 rows x int8 weight -> int32, scaled per row and channel, into ``out``."""
+    (M, N), K = out.shape, w.in_features
+    splits = _Splits.plan(cfg, w, out)
+    xq, b = xa.values.reshape(M, K), bias if bias is not None else out
+    meta = dict(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **splits.meta(cfg, bias))
+    if cfg.kernel == "tma":
+        x_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, splits.block_k])
+        w_desc = TensorDescriptor.from_tensor(w.qweight, [cfg.block_n, splits.block_k])
+        _int8_tma_kernel[(_tiles(M, N, cfg),)](x_desc, w_desc, xa.scales, w.scales, b, out,
+                                               M, N, K, N, **meta)
+        return
+    _int8_dot_kernel[(_tiles(M, N, cfg), splits.num)](
+        xq, xa.scales, w.qweight, w.scales, b, splits.part, M, N, K, splits.k_per_split,
+        xq.stride(0), w.qweight.stride(0), N, M * N, **meta)
+    splits.add_partials(bias, None, out)
+
+
+def _dequantizing_dot(x2: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | None,
+                      cfg: KernelConfig, out: torch.Tensor) -> None:
+    """Weight-only, several rows: _dot_kernel on the tensor cores, into ``out``."""
+    (M, N), K = out.shape, w.in_features
+    splits = _Splits.plan(cfg, w, out)
+    _dot_kernel[(_tiles(M, N, cfg), splits.num)](
+        x2, w.qweight, w.scales, w.zeros, bias if bias is not None else out, splits.part,
+        M, N, K, splits.k_per_split, x2.stride(0), w.qweight.stride(0), w.scales.stride(0),
+        N, M * N, BITS=w.bits, GROUP_SIZE=w.group_size, SCALE_AFTER_DOT=w.group_size == K,
+        FP16_MATH=w.scales.dtype == torch.float16,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **splits.meta(cfg, bias))
+    splits.add_partials(bias, None, out)
+
+
+def _float_gemv(x2: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | None,
+                cfg: KernelConfig, out: torch.Tensor, f: _OneRowFusion) -> None:
+    """Weight-only, one row: _gemv_kernel (float32 math), into ``out``."""
+    (M, N), K = out.shape, w.in_features
+    splits = _Splits.plan(cfg, w, out)
+    res = f.residual.reshape(M, N) if f.residual is not None else None
+    sum_residual = res is not None and splits.num > 1  # then _sum_splits_kernel adds it
+    words = w.qweight.view(torch.int32)  # same bytes, 32 // bits codes per word
+    # Fusion operands never read when their flag is off point at out.
+    _gemv_kernel[(M, triton.cdiv(N, cfg.block_n), splits.num)](
+        x2, words, w.scales, w.zeros, bias if bias is not None else out,
+        _or(f.norm_weight, out), _or(f.input_perm, out), _or(res, out), splits.part,
+        M, N, K, splits.k_per_split, f.eps, x2.stride(0), words.stride(0), w.scales.stride(0),
+        _or(res, out).stride(0), N, M * N, 0x4B000000, BITS=w.bits, GROUP_SIZE=w.group_size,
+        HAS_RESIDUAL=res is not None and not sum_residual, **f.meta(K),
+        **splits.meta(cfg, bias))
+    splits.add_partials(bias, res if sum_residual else None, out)
+
+
+def _half2_gemv(x2: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | None,
+                cfg: KernelConfig, out: torch.Tensor, f: _OneRowFusion) -> None:
+    """Weight-only, one fp16 row on CUDA: gemv_half2_kernel (half2_gemv.py), into ``out``."""
+    (M, N), K = out.shape, w.in_features
+    splits = _Splits.plan(cfg, w, out)
+    res = f.residual.reshape(M, N) if f.residual is not None else None
+    words, x_pairs = w.qweight.view(torch.int32), x2.view(torch.int32)
+    tiles_n = triton.cdiv(N, cfg.block_n)
+    # Split-K partials summed inside the kernel by each tile's last program: a separate
+    # reduction kernel cost 14% of a w4a16 batch-1 decode step (H200 profile).
+    in_kernel = (splits.num > 1 and w.split_counters is not None
+                 and M * tiles_n <= w.split_counters.numel())
+    sum_residual = res is not None and splits.num > 1 and not in_kernel
+    scratch = (torch.empty(M * tiles_n * splits.num * splits.k_per_split, dtype=x2.dtype,
+                           device=x2.device) if f.any else out)
+    gemv_half2_kernel[(M, tiles_n, splits.num)](
+        x_pairs, words, w.scales, w.zeros, bias if bias is not None else out,
+        _or(f.norm_weight, out), _or(f.input_perm, out), _or(res, out), scratch, splits.part,
+        out, w.split_counters if in_kernel else out, M, N, K, splits.k_per_split, splits.num,
+        f.eps, x_pairs.stride(0), words.stride(0), w.scales.stride(0), _or(res, out).stride(0),
+        N, M * N, BITS=w.bits, GROUP_SIZE=w.group_size, FUSED_SPLITS=in_kernel,
+        HAS_RESIDUAL=res is not None and not sum_residual, **f.meta(K),
+        **{**splits.meta(cfg, bias), "HAS_BIAS": bias is not None and (splits.num == 1
+                                                                        or in_kernel)})
+    if not in_kernel:
+        splits.add_partials(bias, res if sum_residual else None, out)
+
+
+def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    """A kernel's pointer argument: ``t``, or a placeholder its flag keeps unread."""
+    return t if t is not None else default
 
 
 def _check_fusion(M: int, N: int, K: int, dtype: torch.dtype, w: PreparedQuantWeight,
