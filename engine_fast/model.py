@@ -22,6 +22,7 @@ from twinfer.batch import AttentionMetadata
 from twinfer.weights import ModelWeights
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
+from twinfer_kernels.int8_activations import QuantizedActivation
 from twinfer_kernels.prefill_attention import BLOCK_M, make_tiles, prefill_attention
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
@@ -152,7 +153,8 @@ class FastLlama:
         return rms_norm(x, self.norm, eps, residual)[0]
 
     def _norm_for(self, linear: FastLinear, x: torch.Tensor, weight: torch.Tensor,
-                  residual: torch.Tensor | None, perm: torch.Tensor | None):
+                  residual: torch.Tensor | None, perm: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
         """rms_norm(x, weight, eps, residual, perm) as ``linear`` wants its input: per-token
         int8 for a W8A8 weight (which has no act-order perm)."""
         eps = self.config.rms_norm_eps
