@@ -145,11 +145,7 @@ class FastLlama:
             x = layer.o_proj(o.view(T, H * D))
             h, residual = self._norm_for(layer.gate_up_proj, x, layer.post_attention_norm,
                                          residual, layer.post_attention_norm_perm)
-            gate_up = layer.gate_up_proj(h)
-            if layer.down_proj.takes_int8 and self.int8_from_norms:
-                x = layer.down_proj(silu_and_mul_int8(gate_up))
-            else:
-                x = layer.down_proj(silu_and_mul(gate_up))
+            x = layer.down_proj(self._silu_for(layer.down_proj, layer.gate_up_proj(h)))
         return rms_norm(x, self.norm, eps, residual)[0]
 
     def _norm_for(self, linear: FastLinear, x: torch.Tensor, weight: torch.Tensor,
@@ -161,6 +157,13 @@ class FastLlama:
         if linear.takes_int8 and self.int8_from_norms and perm is None:
             return rms_norm_int8(x, weight, eps, residual)
         return rms_norm(x, weight, eps, residual, perm)
+
+    def _silu_for(self, linear: FastLinear,
+                  gate_up: torch.Tensor) -> torch.Tensor | QuantizedActivation:
+        """silu_and_mul(gate_up) as ``linear`` wants its input (per-token int8 for W8A8)."""
+        if linear.takes_int8 and self.int8_from_norms:
+            return silu_and_mul_int8(gate_up)
+        return silu_and_mul(gate_up)
 
     def _forward_one_row(self, meta: AttentionMetadata,
                          kv_caches: list[tuple[torch.Tensor, torch.Tensor]],

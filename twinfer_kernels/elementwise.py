@@ -121,12 +121,16 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_o, N, BLOCK
         tl.store(out_ptr + row * stride_o + cols, act * up, mask=mask)
 
 
+def _half_width(x: torch.Tensor) -> int:
+    """N of x [rows, 2N] = [gate | up], which must be contiguous in its columns."""
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"silu_and_mul wants [rows, 2N] contiguous, got {tuple(x.shape)}")
+    return x.shape[1] // 2
+
+
 def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """x [rows, 2N] = [gate | up] -> silu(gate) * up, [rows, N]. ``pdl`` as in rms_norm."""
-    rows, two_n = x.shape
-    if two_n % 2 or x.stride(-1) != 1:
-        raise ValueError(f"silu_and_mul wants [rows, 2N] contiguous, got {tuple(x.shape)}")
-    n = two_n // 2
+    rows, n = x.shape[0], _half_width(x)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(n))
     if rows:
@@ -139,10 +143,7 @@ def silu_and_mul(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
 def silu_and_mul_int8(x: torch.Tensor) -> QuantizedActivation:
     """silu_and_mul(x) as per-token int8 for a W8A8 linear: equal to
     ``quantize_rows(silu_and_mul(x))``, in one kernel."""
-    rows, two_n = x.shape
-    if two_n % 2 or x.stride(-1) != 1:
-        raise ValueError(f"silu_and_mul wants [rows, 2N] contiguous, got {tuple(x.shape)}")
-    n = two_n // 2
+    rows, n = x.shape[0], _half_width(x)
     out = QuantizedActivation.empty(rows, n, x.dtype, x.device)
     block = triton.next_power_of_2(n)
     if rows:

@@ -387,6 +387,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tiles(M: int, N: int, cfg: KernelConfig) -> int:
+    """Output tiles of a launch (programs per split)."""
+    return triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+
+
+@functools.lru_cache(maxsize=64)
 def _tma_loads(device: torch.device, K: int) -> bool:
     """Whether int8 [*, K] tiles can come by TMA: Hopper or newer (the interpreter emulates it)
     and rows of a multiple of 16 bytes."""
@@ -442,8 +448,7 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
         cfg, per_sm = KernelConfig("dot", 128, 64, 128, num_stages=3), 1
     else:  # W8A8 prefill: TMA loads where the device has them (quant_linear falls back)
         return KernelConfig("tma", 128, 128, 128, num_warps=8, num_stages=3)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    split = max(1, min(K // cfg.block_k, per_sm * num_sms // tiles))
+    split = max(1, min(K // cfg.block_k, per_sm * num_sms // _tiles(M, N, cfg)))
     return KernelConfig(cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_k, split,
                         cfg.num_warps, cfg.num_stages)
 
@@ -464,8 +469,7 @@ def _weight_only_mid_m_config(M: int, N: int, K: int, num_sms: int) -> KernelCon
     else:
         cfg, per_sm = KernelConfig("dot", min(256, triton.next_power_of_2(M)), 128, 128,
                                    num_warps=8, num_stages=3), 1
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    split = max(1, min(max_split, per_sm * num_sms // tiles))
+    split = max(1, min(max_split, per_sm * num_sms // _tiles(M, N, cfg)))
     return dataclasses.replace(cfg, split_k=1 << (split.bit_length() - 1))
 
 
@@ -544,7 +548,7 @@ def quant_linear(x: torch.Tensor | QuantizedActivation, w: PreparedQuantWeight,
     elif w.act_bits == 8:  # int8 rows: given, or quantized here
         _int8_linear(int8_x if int8_x is not None else quantize_rows(x2), w, bias, cfg, out)
     elif cfg.kernel in ("gemv", "gemv_h2"):
-        fused = _OneRowFusion(norm_weight, eps, silu, input_perm, residual, pdl, fusion)
+        fused = _OneRowFusion(norm_weight, eps, silu, input_perm, residual, pdl)
         (_half2_gemv if cfg.kernel == "gemv_h2" else _float_gemv)(x2, w, bias, cfg, out, fused)
     else:
         _dequantizing_dot(x2, w, bias, cfg, out)
@@ -580,7 +584,12 @@ class _OneRowFusion:
     input_perm: torch.Tensor | None
     residual: torch.Tensor | None
     pdl: bool
-    any: bool  # norm, SiLU, gather or residual (pdl is a launch option, not a fusion)
+
+    @property
+    def any(self) -> bool:
+        """Norm, SiLU, gather or residual (pdl is a launch option, not a fusion)."""
+        return (self.norm_weight is not None or self.silu or self.input_perm is not None
+                or self.residual is not None)
 
     def meta(self, K: int) -> dict:
         """The kernels' fusion flags and launch options."""
@@ -626,10 +635,6 @@ class _Splits:
             self.part, bias if bias is not None else out,
             residual if residual is not None else out, out, self.num, M * N, N,
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=1024)
-
-
-def _tiles(M: int, N: int, cfg: KernelConfig) -> int:
-    return triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
 
 
 def _int8_linear(xa: QuantizedActivation, w: PreparedQuantWeight, bias: torch.Tensor | None,
