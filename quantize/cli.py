@@ -61,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
+    p.add_argument("--float-inputs", action="store_true",
+                   help="calibrate each layer on the unquantized model's hidden states "
+                        "(AutoAWQ) rather than through the quantized earlier layers")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--calib", default="default",
                    help="'default' (Python's bundled docs), a .txt/.jsonl/.parquet file, or a "
@@ -93,6 +96,7 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            awq_clip_qk=args.awq_clip_qk,
                            awq_scale_after_clip=args.awq_scale_after_clip,
                            true_sequential=args.true_sequential,
+                           float_inputs=args.float_inputs,
                            alpha=args.alpha)
 
 

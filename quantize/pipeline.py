@@ -5,7 +5,8 @@ For each layer: one forward pass collects what the method needs about each linea
 (Hessians for GPTQ, magnitudes and second moments for AWQ, maxima for SmoothQuant); the method
 rewrites the layer (folded scales) and quantizes its seven linears; a second forward pass
 through the *quantized* layer produces the next layer's inputs, so later layers calibrate
-against the errors of earlier ones, as GPTQ and AWQ do.
+against the errors of earlier ones, as GPTQ does (``float_inputs``: AutoAWQ's way, the
+unquantized layer's output).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class QuantizeOptions:
     mse: bool = True
     awq_scales: bool = True
     true_sequential: bool = False  # GPTQ: re-collect inputs after each stage (_STAGES)
+    # Calibrate every layer on the unquantized model's hidden states (AutoAWQ: the next
+    # layer's inputs come from the layer before it is quantized) instead of on hidden states
+    # through the quantized earlier layers (GPTQ, and the default here).
+    float_inputs: bool = False
     # AWQ (and GPTQ's awq_scales): judge the q/k/v and gate/up scales by the output of the
     # whole attention / MLP block, as AutoAWQ does, instead of each linear's own output.
     awq_block_loss: bool = False
@@ -187,11 +192,14 @@ def quantize_model(weights: ModelWeights, tokenizer, options: QuantizeOptions,
                  for n in LINEARS}
         else:
             collect = partial(_collect_stats, cfg, t, x, cos, sin, options)
+            if options.float_inputs:  # before the method folds scales into t (in place)
+                x_next = _forward(cfg, t, x, cos, sin, options.batch_size, None)
             q = _METHODS[options.method](cfg, t, collect, options, f"model.layers.{i}")
             for name, qw in q.items():
                 t[name + ".weight"] = qw.dequantize()
-            x = _forward(cfg, t, x, cos, sin, options.batch_size, None,
-                         act_int8=options.scheme.act_bits == 8)
+            x = x_next if options.float_inputs else _forward(
+                cfg, t, x, cos, sin, options.batch_size, None,
+                act_int8=options.scheme.act_bits == 8)
         for name, qw in q.items():
             linears[f"model.layers.{i}.{name}"] = qw.to("cpu")
         for k, v in t.items():

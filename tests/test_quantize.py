@@ -14,6 +14,7 @@ from conftest import collect_logits
 from safetensors.torch import save_file
 
 from engine_torch.layers import rms_norm, rope_inv_freq, rotary_cos_sin
+from quantize import pipeline
 from quantize.awq import (
     apply_clip,
     block_output_error,
@@ -25,7 +26,7 @@ from quantize.calibration import CalibrationError, calibration_windows, load_cal
 from quantize.cli import quantize_checkpoint
 from quantize.decoder_layer import ATTN_IN, MIXED_V, attention, layer_forward, layer_tensors
 from quantize.gptq import HessianAccumulator, gptq_quantize, mse_qparams
-from quantize.pipeline import QuantizeOptions
+from quantize.pipeline import QuantizeOptions, quantize_model
 from quantize.smoothing import fold_scales, scale_groups
 from twinfer.cli import main as cli_main
 from twinfer.quant import QuantScheme, compute_qparams, fake_quantize, quantize_codes
@@ -245,6 +246,31 @@ def test_calibration_forward_equals_engine_forward(tiny_model_factory, arch):
     logits = rms_norm(x, weights.get("model.norm.weight"), cfg.rms_norm_eps)[0] @ head.t()
     torch.testing.assert_close(logits, collect_logits(path, PROMPTS[:1], 64)[0], rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("float_inputs", [False, True])
+def test_float_inputs_calibrate_later_layers_on_the_unquantized_hidden_states(
+        tiny_model_factory, monkeypatch, float_inputs):
+    # AutoAWQ calibrates layer i on the float model's hidden states; GPTQ (the default) on
+    # hidden states through the already quantized layers 0 .. i - 1.
+    weights = load_weights(tiny_model_factory("llama"))
+    cfg = weights.config
+    windows = torch.tensor([PROMPTS[0]])
+    cos, sin = rotary_cos_sin(torch.arange(windows.shape[1]), rope_inv_freq(cfg), torch.float32)
+    x0 = weights.get("model.embed_tokens.weight")[windows].float()
+    float_x1 = layer_forward(cfg, layer_tensors(weights.tensors, cfg, 0, "cpu"), x0, cos, sin)
+    seen = []
+    collect = pipeline._collect_stats
+
+    def spy(cfg, t, x, *args, **kwargs):
+        seen.append(x.clone())
+        return collect(cfg, t, x, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_collect_stats", spy)
+    options = QuantizeOptions("awq", QuantScheme(4, 32, False), float_inputs=float_inputs)
+    quantize_model(weights, None, options, progress=False, windows=windows, num_layers=2)
+    assert len(seen) == 2
+    assert torch.allclose(seen[1], float_x1, rtol=1e-5, atol=1e-5) is float_inputs
 
 
 def test_calibration_windows_are_deterministic_per_seed(tiny_model_factory, calib_file):

@@ -20,6 +20,16 @@ BLOCK_M = 64  # query rows per tile (make_tiles and the kernel must agree)
 
 
 @triton.jit
+def _load_keys(ptrs, mask, MASKED: tl.constexpr):
+    """tl.load of key rows; zeros where ``mask`` is off, checked only in MASKED tiles."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b, kvh, pos,
                  n_lo, n_hi, hi, sliding_window, qk_scale,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -33,19 +43,12 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
         kv_offs = n % BLOCK_SIZE
-        if MASKED:
-            block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask,
-                            other=0)
-        else:
-            block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE)
+        block = _load_keys(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, nmask, MASKED)
         k_ptrs = (k_cache_ptr + block[:, None] * stride_kb + kv_offs[:, None] * stride_ks
                   + kvh * stride_kh + d[None, :])
         v_ptrs = (v_cache_ptr + block[:, None] * stride_vb + kv_offs[:, None] * stride_vs
                   + kvh * stride_vh + d[None, :])
-        if MASKED:
-            k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_keys(k_ptrs, nmask[:, None], MASKED)
         # scores in log2 units: exp2 is one instruction, exp is exp2 plus a multiply
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -59,10 +62,7 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_tables_ptr, b
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=nmask[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_keys(v_ptrs, nmask[:, None], MASKED)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
