@@ -169,6 +169,16 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
+def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The split-K dot kernels' program: its output rows and columns, the same wrapped in
+    bounds for loads (x rows, weight rows), and its K split."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m % M, offs_n % N, tl.program_id(1)
+
+
+@triton.jit
 def _store_tile(out_ptr, acc_t, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
     """out[m, n] = acc_t[n, m] (+ bias[n]); the dot kernels accumulate out.T."""
     if HAS_BIAS:
@@ -261,11 +271,7 @@ def _dot_kernel(
     # Computes out.T = W @ x.T: the weight tile dequantized in registers is the dot's first
     # operand, which the tensor cores (wgmma) read straight from registers; x comes through
     # shared memory. Small M then only pads the dot's N side (>= 16).
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows, xrows = offs_n % N, offs_m % M
+    offs_m, offs_n, xrows, rows, split = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = split * k_per_split
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -310,11 +316,7 @@ def _int8_dot_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows, xrows = offs_n % N, offs_m % M
+    offs_m, offs_n, xrows, rows, split = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = split * k_per_split
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)  # out.T, as in _dot_kernel
