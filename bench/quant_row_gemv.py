@@ -9,9 +9,10 @@ Times are GPU time per call from a CUDA graph over enough weight copies to excee
 bench/quant_kernels.py); the roofline is the weight's bytes (codes, scales, zeros) over the
 copy bandwidth measured in the same run. Columns: unfused sequence; the plain GEMV alone;
 fused; fused with programmatic dependent launch (consecutive calls overlap, as in the decode
-step's chain); then the best (block_n, block_k, split_k, warps) of a sweep for the plain
-GEMV with PDL, what the quantized decode step runs (K tiles of 256 or 512 span several
-groups of 128), from which ``choose_config`` is set.
+step's chain); the plain GEMV with PDL at ``choose_config``'s tile; then the best (block_n,
+block_k, split_k, warps) of a sweep for the plain GEMV with PDL, what the quantized decode
+step runs (K tiles of 256 or 512 span several groups of 128), from which ``choose_config``
+is set.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"pdl {pdl}")
     print("| scheme | projection | roofline us | unfused us | plain us | fused us | fused+pdl us "
-          "| best (block_n, block_k, split, warps) | best us | % of roofline |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+          "| default+pdl us | best (block_n, block_k, split, warps) | best us | % of roofline |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for scheme_name in args.schemes.split(","):
         scheme = SCHEMES[scheme_name]
         for name, (n, k), x, kw, unfused in cases:
@@ -80,15 +81,17 @@ def main(argv: list[str] | None = None) -> None:
             t_fused = bench_ms(lambda w, x=x, kw=kw: quant_linear(x, w, **kw), ws) * 1e3
             t_pdl = bench_ms(lambda w, x=x, kw=kw: quant_linear(x, w, **kw, pdl=pdl), ws) * 1e3
             default = choose_config(1, n, k, ws[0], _num_sms(x.device), half2=True)
-            best = (t_plain, (default.block_n, default.block_k, default.split_k,
-                            default.num_warps))
+            t_default = bench_ms(lambda w, xin=xin, c=default: quant_linear(xin, w, None, c,
+                                                                           pdl=pdl), ws) * 1e3
+            best = (t_default, (default.block_n, default.block_k, default.split_k,
+                                default.num_warps))
             for bn, bk, split, nw in [] if args.quick else SWEEP:
                 cfg = KernelConfig("gemv_h2", 1, bn, bk, split, nw)
                 t = bench_ms(lambda w, xin=xin, c=cfg: quant_linear(xin, w, None, c, pdl=pdl),
                              ws) * 1e3
                 best = min(best, (t, (bn, bk, split, nw)))
             print(f"| {scheme_name} | {name} | {roof:.1f} | {t_unfused:.1f} | {t_plain:.1f} | "
-                  f"{t_fused:.1f} | {t_pdl:.1f} | {best[1]} | {best[0]:.1f} | "
+                  f"{t_fused:.1f} | {t_pdl:.1f} | {t_default:.1f} | {best[1]} | {best[0]:.1f} | "
                   f"{100 * roof / best[0]:.0f}% |", flush=True)
             del ws
 

@@ -183,6 +183,20 @@ def test_awq_clip_sweeps_lower_the_whole_output_error(blocks):
     assert error(2) <= error(1) + 1e-6
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_awq_clip_search_in_row_chunks_chooses_what_one_pass_chooses(blocks):
+    # Output channels are independent: searching them a few at a time (bounded memory for
+    # the sweeps) must change nothing, also where rows are split across moments.
+    x = correlated_inputs(k=128)
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(8))
+    C = torch.stack([x.t() @ x / len(x) * (1 + b) for b in range(blocks)])
+    scheme = QuantScheme(4, 32, sym=False)
+    whole = search_clip(C, w, scheme, "l", sweeps=1, both_ends=True)
+    chunked = search_clip(C, w, scheme, "l", sweeps=1, both_ends=True, max_rows=5)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_awq_clip_both_ends_lowers_the_output_error():
     # Shrinking min and max by different factors is a superset of the diagonal candidates.
     x = correlated_inputs(k=256)
@@ -327,23 +341,28 @@ CASES = {
 }
 
 
+def case_options(case: str, calib_file: Path, device: str = "cpu") -> QuantizeOptions:
+    """The options a CASES entry names (a little calibration)."""
+    method, scheme = CASES[case]
+    return QuantizeOptions(method, scheme, calib=str(calib_file), calib_samples=8,
+                           calib_seqlen=64, device=device, act_order="actorder" in case,
+                           mse="mse" in case, awq_scales="awqscales" in case,
+                           true_sequential="trueseq" in case,
+                           awq_block_loss="blockloss" in case,
+                           awq_o_scales="oscales" in case,
+                           awq_scale_after_clip="scaleclip" in case)
+
+
 @pytest.fixture(scope="module")
 def quantized_tiny(tiny_model_factory, calib_file, tmp_path_factory):
-    """Each CASES entry quantized from the tiny llama (some calibration) and saved."""
+    """Each CASES entry quantized from the tiny llama on the CPU and saved."""
     cache = {}
 
     def get(case: str) -> Path:
         if case not in cache:
-            method, scheme = CASES[case]
             out = tmp_path_factory.mktemp(case) / "q"
-            options = QuantizeOptions(method, scheme, calib=str(calib_file), calib_samples=8,
-                                      calib_seqlen=64, act_order="actorder" in case,
-                                      mse="mse" in case, awq_scales="awqscales" in case,
-                                      true_sequential="trueseq" in case,
-                                      awq_block_loss="blockloss" in case,
-                                      awq_o_scales="oscales" in case,
-                                      awq_scale_after_clip="scaleclip" in case)
-            quantize_checkpoint(str(tiny_model_factory("llama")), out, options, progress=False)
+            quantize_checkpoint(str(tiny_model_factory("llama")), out,
+                                case_options(case, calib_file), progress=False)
             cache[case] = out
         return cache[case]
 
@@ -351,6 +370,21 @@ def quantized_tiny(tiny_model_factory, calib_file, tmp_path_factory):
 
 
 WEIGHT_ONLY = [c for c in CASES if CASES[c][1].act_bits == 16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantizing_on_the_gpu_gives_the_checkpoint_the_cpu_gives(
+        quantized_tiny, tiny_model_factory, calib_file, tmp_path, case):
+    """``--device cuda`` runs every method (and its searches) on the GPU; float32 sums in
+    another order may flip a near-tie in a search, so the logits, not the codes, must agree."""
+    out = tmp_path / "q"
+    quantize_checkpoint(str(tiny_model_factory("llama")), out,
+                        case_options(case, calib_file, "cuda"), progress=False)
+    for a, b in zip(collect_logits(quantized_tiny(case), PROMPTS, 64),
+                    collect_logits(out, PROMPTS, 64)):
+        assert (a - b).abs().max() <= 0.02 * a.abs().max()
 
 
 @pytest.mark.parametrize("case", WEIGHT_ONLY)

@@ -428,12 +428,12 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     GEMV can run (fp16 activations on CUDA)."""
     if w.act_bits == 16 and M <= GEMV_MAX_M and half2 and w.bits == 4 and w.group_size == 128:
         return _half2_w4_g128_config(N, K)
+    if w.act_bits == 16 and M <= GEMV_MAX_M and half2 and w.bits == 8:
+        return _half2_w8_config(N, K)
     if w.act_bits == 16 and M <= GEMV_MAX_M and half2:
-        # H200 sweep: 4-bit best at 64 rows per program (more rows share each x pair),
-        # 8-bit at 16-32; K tiles within one group.
-        cfg = KernelConfig("gemv_h2", 1, 64 if w.bits == 4 else 32,
-                           _fit_block_k(256, w.group_size))
-        per_sm = 8 if w.bits == 4 else 4
+        # 4-bit in other group sizes; H200 sweep: 64 rows per program (more rows share each
+        # x pair), K tiles within one group.
+        cfg, per_sm = KernelConfig("gemv_h2", 1, 64, _fit_block_k(256, w.group_size)), 8
     elif w.act_bits == 16 and M <= GEMV_MAX_M:
         cfg, per_sm = KernelConfig("gemv", 1, 32, 256), 8 if w.bits == 4 else 4
     elif w.act_bits == 16 and M > DENSE_MIN_M:
@@ -487,6 +487,19 @@ def _half2_w4_g128_config(N: int, K: int) -> KernelConfig:
     if N == K:
         return KernelConfig("gemv_h2", 1, 64, 256, 4)  # o 4096 x 4096: 7.8 us (9.8)
     return KernelConfig("gemv_h2", 1, 64, 128, 16)  # down 4096 x 14336: 18.6 us (18.9)
+
+
+def _half2_w8_config(N: int, K: int) -> KernelConfig:
+    """The half2 GEMV's tile for 8-bit weights by projection shape (any group size: K tiles of
+    256 span whole groups), the best of ``python -m bench.quant_row_gemv --schemes w8a16`` on
+    an H200 with PDL (RESULTS.md, us per call at Llama-8B shapes, per-channel scales). Wide
+    outputs keep 32 rows per program on 4 warps; square and tall ones (o, down) want 64 rows
+    on 8 warps."""
+    if N >= 4 * K:
+        return KernelConfig("gemv_h2", 1, 32, 256, 1)  # gate/up 28672 x 4096: 36.3 us
+    if N > K:
+        return KernelConfig("gemv_h2", 1, 32, 256, 4)  # qkv 6144 x 4096: 11.7 us
+    return KernelConfig("gemv_h2", 1, 64, 256, 4, num_warps=8)  # o 9.0 us, down 22.8 us
 
 
 def quantize_rows(x: torch.Tensor) -> QuantizedActivation:
