@@ -149,11 +149,12 @@ def search_clip(C: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, laye
     N, K = weight.shape
     gs = scheme.group_size_for(K, layer)
     C = C.reshape(-1, K, K)
-    per_block = N // C.shape[0]  # rows sharing one moment
-    bounds = [_search_clip_rows(C[r], weight[r * per_block + i:r * per_block
-                                             + min(i + max_rows, per_block)],
+    per_block = N // C.shape[0]  # consecutive rows sharing one moment
+    chunks = [(r, start) for r in range(C.shape[0])
+              for start in range(r * per_block, (r + 1) * per_block, max_rows)]
+    bounds = [_search_clip_rows(C[r], weight[start:min(start + max_rows, (r + 1) * per_block)],
                                 scheme, gs, grid, max_shrink, sweeps, both_ends)
-              for r in range(C.shape[0]) for i in range(0, per_block, max_rows)]
+              for r, start in chunks]
     return torch.cat([b[0] for b in bounds]), torch.cat([b[1] for b in bounds])
 
 
