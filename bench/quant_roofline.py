@@ -1,6 +1,7 @@
 """Quantized engine_fast at Llama-3.1-8B shapes (random weights) against fp16, in one run.
 
     python -m bench.quant_roofline [--layers 32] [--variants fp16,w8a16,w4a16,w8a8]
+                                   [--dtype float16|bfloat16]
 
 For each variant: the whole model quantized with RTN on the GPU (timed: the issue's "RTN
 under a minute"), then decode steps at batch 1 / 16 / 64 / 256 (context 1,024) and a 2,048-token
@@ -11,7 +12,9 @@ the model's layer count (each layer costs the same).
 
 Counts: fp16 linears 13.96 GB + lm_head 1.05 GB. w4a16 g128 linears 13.96 / 4 x (1 + 4 / 128 x 2)
 = 3.71 GB (kernels keep fp16 scales and zeros), so batch-1 decode can gain 15.0 / 4.76 = 3.15x;
-w8a16 7.0 + 1.05 -> 1.86x.
+w8a16 7.0 + 1.05 -> 1.86x. ``--dtype bfloat16`` runs every variant with bf16 activations
+(the "fp16" row is then the dense bf16 model): the half2 GEMV is fp16-only, so bf16 weight-only
+decode takes the float32-math GEMV.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def rtn_checkpoint(dense: ModelWeights, scheme: QuantScheme) -> tuple[ModelWeigh
     return quantized, time.perf_counter() - start
 
 
-def measure(weights: ModelWeights, batches, context, prefill, bw) -> dict:
+def measure(weights: ModelWeights, batches, context, prefill, bw,
+            dtype: torch.dtype = torch.float16) -> dict:
     from engine_fast.runner import FastRunner
 
     cfg, bs = weights.config, 16
@@ -58,7 +62,7 @@ def measure(weights: ModelWeights, batches, context, prefill, bw) -> dict:
     config = EngineConfig(model=cfg, cache=CacheConfig(block_size=bs, num_kv_blocks=max_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max(batches),
                                                     max_model_len=max(context, prefill)),
-                          engine="fast", device="cuda", dtype=torch.float16)
+                          engine="fast", device="cuda", dtype=dtype)
     runner = FastRunner(config, weights)
     runner.allocate_kv_cache(max_blocks)
     m = runner.model
@@ -100,10 +104,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--calib-layers", type=int, default=2, help="0 skips AWQ/GPTQ timing")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     bw = copy_bandwidth()
-    dense = dummy_weights(llama31_8b_config(args.layers), torch.float16, "cuda")
+    dense = dummy_weights(llama31_8b_config(args.layers), dtype, "cuda")
     cfg = dense.config
     results, rtn_seconds = {}, {}
     for variant in args.variants.split(","):
@@ -112,7 +118,7 @@ def main() -> None:
                 weights = dense
             else:
                 weights, rtn_seconds[variant] = rtn_checkpoint(dense, SCHEMES[variant])
-            results[variant] = measure(weights, batches, args.context, args.prefill, bw)
+            results[variant] = measure(weights, batches, args.context, args.prefill, bw, dtype)
             print(variant, results[variant], flush=True)
         except Exception as e:  # noqa: BLE001 - report the failure, measure the others
             print(f"{variant}: FAILED {type(e).__name__}: {e}", flush=True)
@@ -122,7 +128,7 @@ def main() -> None:
              for m in ("awq", "gptq")} if args.calib_layers else {}
 
     print(f"\ndevice: {torch.cuda.get_device_name()}  date: {datetime.date.today()}  layers: "
-          f"{cfg.num_layers}  copy bandwidth: {bw / 1e12:.2f} TB/s")
+          f"{cfg.num_layers}  copy bandwidth: {bw / 1e12:.2f} TB/s  dtype: {args.dtype}")
     base = results.get("fp16")
     if not results:
         return
