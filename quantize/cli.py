@@ -58,6 +58,9 @@ def register(sub) -> None:
     p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=True,
                    help="AWQ: search q_proj's and k_proj's clipping too (default: on; AutoAWQ "
                         "leaves them alone, their errors passing through the softmax)")
+    p.add_argument("--awq-duo", action=argparse.BooleanOptionalAction, default=True,
+                   help="AWQ (and GPTQ's AWQ scales): also try AutoAWQ's weight-aware scale "
+                        "candidates mean|x|^a / mean|w|^(1-a) (default: on)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")
@@ -95,6 +98,7 @@ def options_from_args(args: argparse.Namespace) -> QuantizeOptions:
                            awq_clip_both_ends=args.awq_clip_both_ends,
                            awq_clip_qk=args.awq_clip_qk,
                            awq_scale_after_clip=args.awq_scale_after_clip,
+                           awq_duo=args.awq_duo,
                            true_sequential=args.true_sequential,
                            float_inputs=args.float_inputs,
                            alpha=args.alpha)

@@ -86,6 +86,9 @@ class QuantizeOptions:
     # AWQ: judge each scale candidate by its output error after a clip search (grid 20, no
     # sweeps) instead of after plain rounding (awq.search_scale's clip).
     awq_scale_after_clip: bool = False
+    # AWQ's scale candidates (and GPTQ's awq_scales): besides mean|x|^a, AutoAWQ's "duo"
+    # mean|x|^a / mean|w|^(1-a) for the same grid of a.
+    awq_duo: bool = True
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -237,7 +240,8 @@ def _gptq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     stats = collect()
     C = {n: _error_moment(stats, n) for n in LINEARS}
     if options.awq_scales:
-        _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales)
+        _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales,
+                         duo=options.awq_duo)
     q: dict[str, QuantizedWeight] = {}
     for stage in _STAGES if options.true_sequential else (LINEARS,):
         if q:  # true-sequential: this stage's inputs come through the quantized earlier ones
@@ -284,7 +288,7 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
     # Each linear's error moment (see _error_moment), rescaled as scales fold into its input.
     C = {n: _error_moment(stats, n) for n in LINEARS}
     _fold_awq_scales(cfg, t, stats, options.scheme, C, options.awq_o_scales,
-                     clip={} if options.awq_scale_after_clip else None)
+                     clip={} if options.awq_scale_after_clip else None, duo=options.awq_duo)
     q = {}
     for n in LINEARS:
         w = t[n + ".weight"]
@@ -298,24 +302,25 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
 
 def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
                      C: dict[str, torch.Tensor], shared_v: bool = False,
-                     clip: dict | None = None) -> None:
+                     clip: dict | None = None, duo: bool = True) -> None:
     """AWQ's scale search for each group of linears sharing an input; folds the scales into
     the layer ``t`` and rescales each linear's error moment in ``C`` (both in place).
 
     Each candidate is judged by the linears' own output error (quadratic forms in C) or,
     where ``stats`` kept the block's inputs (``awq_block_loss``), by the output error of the
     attention block (q/k/v) or MLP block (gate/up) with those linears fake-quantized.
-    ``shared_v``: see ``QuantizeOptions.awq_o_scales``; ``clip``: see ``awq.search_scale``."""
+    ``shared_v``: see ``QuantizeOptions.awq_o_scales``; ``clip``, ``duo``: see
+    ``awq.search_scale``."""
     for group in scale_groups(cfg, shared_v):
         weights = [t[n + ".weight"] for n in group.linears]
         x_mean_abs = stats.mean_abs(_INPUT_OF[group.linears[0]])
         if group.linears in stats.blocks:
             loss = awq.block_output_error(stats.blocks[group.linears], t, group.linears,
                                           stats.inputs[group.linears[0]])
-            s = awq.search_scale_by(loss, x_mean_abs, weights, scheme)
+            s = awq.search_scale_by(loss, x_mean_abs, weights, scheme, duo=duo)
         else:
             s = awq.search_scale([C[n] for n in group.linears], x_mean_abs, weights, scheme,
-                                 foldable=group.foldable, clip=clip)
+                                 foldable=group.foldable, clip=clip, duo=duo)
         fold_scales(t, group, s)
         for n in group.linears:
             C[n] = C[n] / (s[:, None] * s[None, :])  # inputs are now x / s

@@ -155,6 +155,22 @@ def test_awq_scale_search_protects_salient_channels():
     assert output_error(x, w, awq) < 0.8 * output_error(x, w, fake_quantize(w, scheme))
 
 
+def test_awq_scales_without_duo_are_a_power_of_the_input_magnitude():
+    # Without AutoAWQ's weight-aware candidates every candidate is mean|x|^a (times a
+    # constant that centres it), so log s is a line in log mean|x|.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 128, generator=g)
+    x[:, :4] *= 30
+    w = torch.randn(64, 128, generator=g)
+    w[:, 10] *= 20  # a weight-magnitude outlier that only the duo candidates look at
+    x_mean_abs = x.abs().mean(0)
+    s = search_scale(x.t() @ x / len(x), x_mean_abs, [w], QuantScheme(4, 32, sym=False),
+                     duo=False)
+    a = torch.linalg.lstsq(torch.stack([x_mean_abs.log(), torch.ones(128)], 1),
+                           s.log()[:, None]).solution[:, 0]
+    torch.testing.assert_close(a[0] * x_mean_abs.log() + a[1], s.log(), rtol=0, atol=1e-4)
+
+
 def test_awq_clip_search_never_increases_group_error():
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(256, 128, generator=g), torch.randn(64, 128, generator=g)
