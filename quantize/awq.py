@@ -1,8 +1,8 @@
 """AWQ (Lin et al., 2023): protect the weights that meet large activations.
 
 1. Scale search: for each group of linears sharing an input, try s = mean|x|^alpha over a
-   grid of alpha in [0, 1) (and AutoAWQ's "duo" mean|x|^a / mean|w|^(1-a)) and keep the one
-   whose fake-quantized ``(W * s)`` gives outputs closest to the full-precision ones on
+   grid of alpha in [0, 1) (optionally also AutoAWQ's "duo" mean|x|^a / mean|w|^(1-a)) and
+   keep the one whose fake-quantized ``(W * s)`` gives outputs closest to the full-precision ones on
    calibration tokens: each linear's own output, or (``search_scale_by`` with
    ``block_output_error``) the output of the whole attention / MLP block, AutoAWQ's loss.
    Optionally (``search_scale``'s ``clip``) each candidate is judged after a clip search
@@ -42,7 +42,7 @@ def output_error(delta: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
                  weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
-                 duo: bool = True, foldable: Callable | None = None,
+                 duo: bool = False, foldable: Callable | None = None,
                  clip: dict | None = None) -> torch.Tensor:
     """The best per-input-channel scale s [K] for linears ``weights`` ([N_i, K]) whose inputs
     have mean magnitude ``x_mean_abs`` [K] and second moment ``C`` (one for all, or one per
@@ -68,7 +68,7 @@ def search_scale(C: torch.Tensor | list[torch.Tensor], x_mean_abs: torch.Tensor,
 
 def search_scale_by(loss: Callable[[list[torch.Tensor]], float], x_mean_abs: torch.Tensor,
                     weights: list[torch.Tensor], scheme: QuantScheme, grid: int = 20,
-                    duo: bool = True, foldable: Callable | None = None,
+                    duo: bool = False, foldable: Callable | None = None,
                     quantize: Callable | None = None) -> torch.Tensor:
     """``search_scale`` with any loss: ``loss(ws)`` is the error made when each of
     ``weights`` is replaced by its ``ws`` counterpart (fake_quantize(W * s) / s, or

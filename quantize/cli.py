@@ -58,9 +58,9 @@ def register(sub) -> None:
     p.add_argument("--awq-clip-qk", action=argparse.BooleanOptionalAction, default=True,
                    help="AWQ: search q_proj's and k_proj's clipping too (default: on; AutoAWQ "
                         "leaves them alone, their errors passing through the softmax)")
-    p.add_argument("--awq-duo", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--awq-duo", action=argparse.BooleanOptionalAction, default=False,
                    help="AWQ (and GPTQ's AWQ scales): also try AutoAWQ's weight-aware scale "
-                        "candidates mean|x|^a / mean|w|^(1-a) (default: on)")
+                        "candidates mean|x|^a / mean|w|^(1-a) (default: off; measured worse)")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each on inputs "
                         "through the already quantized ones")

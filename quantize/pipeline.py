@@ -87,8 +87,10 @@ class QuantizeOptions:
     # sweeps) instead of after plain rounding (awq.search_scale's clip).
     awq_scale_after_clip: bool = False
     # AWQ's scale candidates (and GPTQ's awq_scales): besides mean|x|^a, AutoAWQ's "duo"
-    # mean|x|^a / mean|w|^(1-a) for the same grid of a.
-    awq_duo: bool = True
+    # mean|x|^a / mean|w|^(1-a) for the same grid of a. Off by default: SmolLM2 w4a16 g64 over
+    # three calibration seeds, AWQ 1.139 -> 1.134 P (lower on every seed), GPTQ 1.115 ->
+    # 1.113 P (bench/RESULTS.md).
+    awq_duo: bool = False
     alpha: float = 0.5  # SmoothQuant migration strength
     batch_size: int = 8  # calibration windows per forward pass
 
@@ -302,7 +304,7 @@ def _awq(cfg, t, collect, options: QuantizeOptions, prefix: str):
 
 def _fold_awq_scales(cfg, t, stats: _InputStats, scheme: QuantScheme,
                      C: dict[str, torch.Tensor], shared_v: bool = False,
-                     clip: dict | None = None, duo: bool = True) -> None:
+                     clip: dict | None = None, duo: bool = False) -> None:
     """AWQ's scale search for each group of linears sharing an input; folds the scales into
     the layer ``t`` and rescales each linear's error moment in ``C`` (both in place).
 
