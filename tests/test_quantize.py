@@ -53,6 +53,12 @@ def correlated_inputs(n=512, k=128, seed=0) -> torch.Tensor:
     return (torch.randn(n, k, generator=g) @ mix) * scales
 
 
+def block_moments(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[blocks, K, K] second moments of x, each block's a different multiple (as v_proj's
+    per-KV-head moments differ)."""
+    return torch.stack([x.t() @ x / len(x) * (1 + b) for b in range(blocks)])
+
+
 def output_error(x, w, w_hat) -> float:
     return (x @ (w - w_hat).t()).pow(2).mean().item()
 
@@ -187,7 +193,7 @@ def test_awq_clip_sweeps_lower_the_whole_output_error(blocks):
     # combine in one output channel (C's off-diagonal blocks), so they can only do better.
     x = correlated_inputs(k=256)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(6))
-    C = torch.stack([x.t() @ x / len(x) * (1 + b) for b in range(blocks)])
+    C = block_moments(x, blocks)
     scheme = QuantScheme(4, 64, sym=False)
 
     def error(sweeps):
@@ -205,7 +211,7 @@ def test_awq_clip_search_in_row_chunks_chooses_what_one_pass_chooses(blocks):
     # the sweeps) must change nothing, also where rows are split across moments.
     x = correlated_inputs(k=128)
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(8))
-    C = torch.stack([x.t() @ x / len(x) * (1 + b) for b in range(blocks)])
+    C = block_moments(x, blocks)
     scheme = QuantScheme(4, 32, sym=False)
     whole = search_clip(C, w, scheme, "l", sweeps=1, both_ends=True)
     chunked = search_clip(C, w, scheme, "l", sweeps=1, both_ends=True, max_rows=5)

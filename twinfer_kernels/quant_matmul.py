@@ -426,11 +426,12 @@ def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
     for cuBLAS: dequantizing inside a Triton GEMM leaves the tensor cores waiting on the
     unpacking (0.5-0.65x fp16 at M=2048, against 0.85-0.9x). ``half2``: the packed-fp16
     GEMV can run (fp16 activations on CUDA)."""
-    if w.act_bits == 16 and M <= GEMV_MAX_M and half2 and w.bits == 4 and w.group_size == 128:
-        return _half2_w4_g128_config(N, K)
-    if w.act_bits == 16 and M <= GEMV_MAX_M and half2 and w.bits == 8:
+    half2_gemv = w.act_bits == 16 and M <= GEMV_MAX_M and half2
+    if half2_gemv and w.bits == 8:
         return _half2_w8_config(N, K)
-    if w.act_bits == 16 and M <= GEMV_MAX_M and half2:
+    if half2_gemv and w.group_size == 128:
+        return _half2_w4_g128_config(N, K)
+    if half2_gemv:
         # 4-bit in other group sizes; H200 sweep: 64 rows per program (more rows share each
         # x pair), K tiles within one group.
         cfg, per_sm = KernelConfig("gemv_h2", 1, 64, _fit_block_k(256, w.group_size)), 8
