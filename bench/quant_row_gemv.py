@@ -35,14 +35,19 @@ from twinfer_kernels.quant_matmul import (
 )
 
 SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1, True)}
-SWEEP = [(bn, bk, s, nw) for bn in (32, 64, 128) for bk in (128, 256, 512)
-         for s in (1, 2, 4, 8, 16) for nw in (4, 8) if not (bn == 32 and nw == 8)]
+# (kernel, block_n, block_k, split_k, warps, stages); stages matter to the TMA kernel only.
+SWEEP = ([("gemv_h2", bn, bk, s, nw, 3) for bn in (32, 64, 128) for bk in (128, 256, 512)
+          for s in (1, 2, 4, 8, 16) for nw in (4, 8) if not (bn == 32 and nw == 8)]
+         + [("gemv_h2_tma", bn, bk, s, nw, st) for bn in (32, 64, 128) for bk in (256, 512)
+            for s in (1, 2, 4, 8) for nw in (4, 8) for st in (3,)
+            if not (bn == 32 and nw == 8)])
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no tile sweep")
     ap.add_argument("--schemes", default="w4a16-g128,w8a16")
+    ap.add_argument("--kernels", default="gemv_h2,gemv_h2_tma", help="kernels to sweep")
     args = ap.parse_args(argv)
     dt = torch.float16
     bw = copy_bandwidth()
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  "
           f"pdl {pdl}")
     print("| scheme | projection | roofline us | unfused us | plain us | fused us | fused+pdl us "
-          "| default+pdl us | best (block_n, block_k, split, warps) | best us | % of roofline |")
+          "| default+pdl us | best (kernel, block_n, block_k, split, warps, stages) | best us "
+          "| % of roofline |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for scheme_name in args.schemes.split(","):
         scheme = SCHEMES[scheme_name]
@@ -83,13 +89,14 @@ def main(argv: list[str] | None = None) -> None:
             default = choose_config(1, n, k, ws[0], _num_sms(x.device), half2=True)
             t_default = bench_ms(lambda w, xin=xin, c=default: quant_linear(xin, w, None, c,
                                                                            pdl=pdl), ws) * 1e3
-            best = (t_default, (default.block_n, default.block_k, default.split_k,
-                                default.num_warps))
-            for bn, bk, split, nw in [] if args.quick else SWEEP:
-                cfg = KernelConfig("gemv_h2", 1, bn, bk, split, nw)
+            best = (t_default, (default.kernel, default.block_n, default.block_k,
+                                default.split_k, default.num_warps, default.num_stages))
+            sweep = [c for c in SWEEP if c[0] in args.kernels.split(",")]
+            for kernel, bn, bk, split, nw, st in [] if args.quick else sweep:
+                cfg = KernelConfig(kernel, 1, bn, bk, split, nw, st)
                 t = bench_ms(lambda w, xin=xin, c=cfg: quant_linear(xin, w, None, c, pdl=pdl),
                              ws) * 1e3
-                best = min(best, (t, (bn, bk, split, nw)))
+                best = min(best, (t, (kernel, bn, bk, split, nw, st)))
             print(f"| {scheme_name} | {name} | {roof:.1f} | {t_unfused:.1f} | {t_plain:.1f} | "
                   f"{t_fused:.1f} | {t_pdl:.1f} | {t_default:.1f} | {best[1]} | {best[0]:.1f} | "
                   f"{100 * roof / best[0]:.0f}% |", flush=True)

@@ -218,6 +218,17 @@ def test_one_fp16_row_on_cuda_picks_the_half2_gemv():
     assert choose_config(2, 48, 192, w, num_sms=132, half2=True).kernel == "dot"
 
 
+def test_one_fp16_row_on_hopper_streams_the_large_4bit_projections_by_tma():
+    w = prepare_quant_weight(random_quantized(48, 256, QuantScheme(4, 128, False), seed=1),
+                             torch.float16)
+    for n, k in [(28672, 4096), (4096, 14336)]:  # Llama-8B gate/up, down
+        assert choose_config(1, n, k, w, num_sms=132, half2=True, tma=True).kernel == (
+            "gemv_h2_tma")
+        assert choose_config(1, n, k, w, num_sms=132, half2=True).kernel == "gemv_h2"
+    assert choose_config(1, 4096, 4096, w, num_sms=132, half2=True, tma=True).kernel == (
+        "gemv_h2")  # o_proj: TMA gained nothing there
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's refusal")
 def test_half2_gemv_refuses_the_interpreter():
     qw = random_quantized(48, 192, QuantScheme(4, 64, False), seed=1)
@@ -312,25 +323,40 @@ def test_llama_shapes_match_reference_on_gpu(dtype, scheme, m, k, n):
 @pytest.mark.parametrize("bits,group_size,sym", WEIGHT_ONLY)
 @pytest.mark.parametrize("k,n,block_n,split_k", [(192, 72, 32, 1), (192, 72, 64, 3),
                                                  (4096, 6144, 64, 8), (14336, 4096, 128, 4)])
-def test_half2_gemv_matches_reference_on_gpu(bits, group_size, sym, k, n, block_n, split_k):
+@pytest.mark.parametrize("kernel", ["gemv_h2", "gemv_h2_tma"])
+def test_half2_gemv_matches_reference_on_gpu(bits, group_size, sym, k, n, block_n, split_k,
+                                             kernel):
     qw = random_quantized(n, k, QuantScheme(bits, group_size, sym), seed=k + bits)
     x = random_x(1, k, torch.float16, seed=n)
     bias = torch.randn(n).to(DEVICE, torch.float16)
-    config = KernelConfig("gemv_h2", 1, block_n, 256, split_k=split_k)
+    config = KernelConfig(kernel, 1, block_n, 256, split_k=split_k)
     out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias, config=config)
     assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA (inline PTX)")
+def test_half2_gemv_over_tma_falls_back_where_a_group_is_under_16_bytes():
+    """4-bit groups of 16 are 8 bytes per row: no TMA box can hold one, so the plain half2
+    GEMV runs instead of an error."""
+    qw = random_quantized(96, 256, QuantScheme(4, 16, False), seed=3)
+    x = random_x(1, 256, torch.float16, seed=4)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float16),
+                       config=KernelConfig("gemv_h2_tma", 1, 32, 256, split_k=2))
+    assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA (inline PTX)")
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["last-program-sums", "sum-kernel"])
-def test_half2_gemv_split_k_is_deterministic_and_leaves_counters_at_zero(in_kernel):
+@pytest.mark.parametrize("kernel", ["gemv_h2", "gemv_h2_tma"])
+def test_half2_gemv_split_k_is_deterministic_and_leaves_counters_at_zero(in_kernel, kernel):
     w = prepare_quant_weight(random_quantized(4096, 4096, QuantScheme(4, 128, False), seed=9),
                              torch.float16)
     if not in_kernel:
         w = dataclasses.replace(w, split_counters=None)
     x = random_x(1, 4096, torch.float16, seed=10)
-    config = KernelConfig("gemv_h2", 1, 32, 256, split_k=16)
+    config = KernelConfig(kernel, 1, 32, 256, split_k=16)
     first = quant_linear(x, w, config=config)
     for _ in range(20):
         assert torch.equal(quant_linear(x, w, config=config), first)
@@ -361,12 +387,14 @@ def test_half2_gemv_does_not_overflow_on_fp16_extremes(bits):
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k,n,split_k", [(4096, 6144, 8), (14336, 4096, 1), (4096, 4096, 16)])
-def test_half2_gemv_fusions_equal_the_unfused_kernels_on_gpu(fusion, bits, k, n, split_k):
+@pytest.mark.parametrize("kernel", ["gemv_h2", "gemv_h2_tma"])
+def test_half2_gemv_fusions_equal_the_unfused_kernels_on_gpu(fusion, bits, k, n, split_k,
+                                                             kernel):
     """The half2 GEMV's fused prologue (pairs built in registers) and residual epilogue, at
     Llama-8B shapes, launched as programmatic dependent launches on Hopper."""
     qw = random_quantized(n, k, QuantScheme(bits, 128, False), seed=k + bits)
     w = prepare_quant_weight(qw, torch.float16)
-    config = KernelConfig("gemv_h2", 1, 64, 256, split_k=split_k)
+    config = KernelConfig(kernel, 1, 64, 256, split_k=split_k)
     pdl = torch.cuda.get_device_capability()[0] >= 9
     fused, ref = fused_and_unfused(fusion, w, k, n, torch.float16, config, seed=n, pdl=pdl)
     assert_close_to_reference(fused, ref.float(), torch.float16)

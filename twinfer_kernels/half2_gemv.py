@@ -95,16 +95,22 @@ def _x_pairs(pa, pb):
 
 
 @triton.jit
+def _tile_qparams(zeros_ptr, scales_ptr, rows, groups, stride_sn, kw,
+                  PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """Zero point bits and scales [BN, GPT] of K tile ``kw``'s (in words) ``groups``."""
+    zs = rows[:, None] * stride_sn + (kw * PER_WORD // GROUP_SIZE + groups)[None, :]
+    z = tl.load(zeros_ptr + zs).to(tl.int16, bitcast=True).to(tl.int32)
+    return z, tl.load(scales_ptr + zs)
+
+
+@triton.jit
 def _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups, stride_sn, kw,
                   PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """What K tile ``kw`` (in words) reads of the weight: codes [BN, GPT, WPG], zero point bits
     and scales [BN, GPT] of the tile's ``groups`` (offsets 0 .. GPT - 1)."""
-    g = kw * PER_WORD // GROUP_SIZE + groups
-    words = tl.load(w_ptrs + kw)
-    zs = rows[:, None] * stride_sn + g[None, :]
-    z = tl.load(zeros_ptr + zs).to(tl.int16, bitcast=True).to(tl.int32)
-    s = tl.load(scales_ptr + zs)
-    return words, z, s
+    z, s = _tile_qparams(zeros_ptr, scales_ptr, rows, groups, stride_sn, kw, PER_WORD,
+                         GROUP_SIZE)
+    return tl.load(w_ptrs + kw), z, s
 
 
 @triton.jit
@@ -174,15 +180,58 @@ def _fence_gpu(t):
 
 
 @triton.jit
+def _input_pairs(x_ptr, norm_w_ptr, perm_ptr, scratch_ptr, row, pid_n, split, stride_xm, k_lo,
+                 kw_end, k_per_split, K, eps, PER_WORD: tl.constexpr, NORM: tl.constexpr,
+                 SILU: tl.constexpr, PERM: tl.constexpr, K_POW2: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The base of the program's input pairs: x's row, or its fused input (_fused_input_pairs)
+    in the program's scratch slot."""
+    x_pairs = x_ptr + row * stride_xm
+    if NORM or SILU or PERM:
+        slot = (row * tl.num_programs(1) + pid_n) * tl.num_programs(2) + split
+        x_pairs = _fused_input_pairs(
+            x_pairs, norm_w_ptr, perm_ptr, scratch_ptr + slot * k_per_split, k_lo,
+            kw_end * PER_WORD, K, eps, NORM, SILU, PERM, K_POW2, BLOCK_K)
+    return x_pairs
+
+
+@triton.jit
+def _tile_dot(acc2, words, z, s, p0, p1, p2, p3, BITS: tl.constexpr):
+    """acc2 [BN, GPT, WPG] plus one K tile's products: codes ``words``, zero point bits ``z``
+    and scales ``s`` [BN, GPT], x pairs p0..p3 from _tile_x."""
+    s = s.to(tl.float32)
+    if BITS == 4:
+        x04, x15 = _x_pairs(p0, p2)
+        x26, x37 = _x_pairs(p1, p3)
+        z_lo, z_hi = tl.inline_asm_elementwise(_ZERO_PAIRS_W4_ASM, "=r,=r,r", [z],
+                                               dtype=(tl.int32, tl.int32), is_pure=True,
+                                               pack=1)
+        part = tl.inline_asm_elementwise(
+            _DOT_W4_ASM, "=r,r,r,r,r,r,r,r",
+            [words, x04[None, :, :], x15[None, :, :], x26[None, :, :], x37[None, :, :],
+             z_lo[:, :, None], z_hi[:, :, None]],
+            dtype=tl.float32, is_pure=True, pack=1)
+        return acc2 + part * (s * 64.0)[:, :, None]  # undo (q - z) / 16 and x / 4
+    x02, x13 = _x_pairs(p0, p1)
+    z_pair = tl.inline_asm_elementwise(_ZERO_PAIR_W8_ASM, "=r,r", [z], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+    part = tl.inline_asm_elementwise(
+        _DOT_W8_ASM, "=r,r,r,r,r",
+        [words, x02[None, :, :], x13[None, :, :], z_pair[:, :, None]],
+        dtype=tl.float32, is_pure=True, pack=1)
+    return acc2 + part * (s * 1024.0)[:, :, None]  # undo (q - z) / 256 and x / 4
+
+
+@triton.jit
 def gemv_half2_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, norm_w_ptr, perm_ptr, residual_ptr,
+    x_ptr, qw_ptr, w_desc, scales_ptr, zeros_ptr, bias_ptr, norm_w_ptr, perm_ptr, residual_ptr,
     scratch_ptr, part_ptr, out_ptr, counters_ptr,
     M, N, K, k_per_split, num_splits, eps, stride_xm, stride_qn, stride_sn, stride_rm,
     stride_om, stride_os,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     FUSED_SPLITS: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr, PERM: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
+    STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # x_ptr: x [M, K] fp16 viewed as int32 [M, K / 2] (stride_xm in pairs; [M, K] = [gate |
     # up] pairs with SILU); norm_w_ptr: fp16 [K]; scratch_ptr: fp16, k_per_split per program
@@ -192,7 +241,9 @@ def gemv_half2_kernel(
     # finish (counted in counters_ptr, one int32 per tile, left at zero) adds them in split
     # order, so the result stays deterministic. NORM / SILU / PERM /
     # HAS_RESIDUAL / PDL: as in _gemv_kernel (the residual is added where the result is
-    # stored in the output dtype: by the last program, or with one split).
+    # stored in the output dtype: by the last program, or with one split). TMA: the codes come
+    # through w_desc (a descriptor over them viewed [N, K / (PER_WORD * WPG), WPG], blocks
+    # [BLOCK_N, GPT, WPG]) into a STAGES-deep shared-memory pipeline.
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
     # A K tile may span several quantization groups (longer contiguous reads per row): it is
@@ -208,49 +259,42 @@ def gemv_half2_kernel(
     k_lo = split * k_per_split
     kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
     acc2 = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
-    # Every input of the next K tile is loaded before this one's math (software pipelining:
-    # the zero points, scales and x are latency-bound loads otherwise waited on each tile).
-    # The first tile's weights depend on no earlier kernel, so they go out before the wait.
-    words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups, stride_sn,
-                                      k_lo // PER_WORD, PER_WORD, GROUP_SIZE)
-    if PDL:
-        gdc_wait()
-    x_pairs = x_ptr + row * stride_xm
-    if NORM or SILU or PERM:
-        slot = (row * tl.num_programs(1) + pid_n) * tl.num_programs(2) + split
-        x_pairs = _fused_input_pairs(
-            x_pairs, norm_w_ptr, perm_ptr, scratch_ptr + slot * k_per_split, k_lo,
-            kw_end * PER_WORD, K, eps, NORM, SILU, PERM, K_POW2, BLOCK_K)
-    p0_n, p1_n, p2_n, p3_n = _tile_x(x_pairs, cols, k_lo // PER_WORD, PER_WORD)
-    for kw in range(k_lo // PER_WORD, kw_end, WORDS):
-        words, z, s = words_n, z_n, s_n
-        p0, p1, p2, p3 = p0_n, p1_n, p2_n, p3_n
-        kw_next = tl.multiple_of(tl.minimum(kw + WORDS, kw_end - WORDS), WORDS)  # last: again
+    if TMA:
+        # Hopper: the copy engine streams the codes STAGES - 1 tiles ahead while the warps
+        # compute (H200, 4-bit: gate/up 29.8 -> 25.8 us, down 18.6 -> 16.5; RESULTS.md),
+        # where the register prefetch below holds one tile in flight per thread.
+        if PDL:
+            gdc_wait()
+        x_pairs = _input_pairs(x_ptr, norm_w_ptr, perm_ptr, scratch_ptr, row, pid_n, split,
+                               stride_xm, k_lo, kw_end, k_per_split, K, eps, PER_WORD, NORM,
+                               SILU, PERM, K_POW2, BLOCK_K)
+        for kw in tl.range(k_lo // PER_WORD, kw_end, WORDS, num_stages=STAGES):
+            words = w_desc.load([pid_n * BLOCK_N, kw // WPG, 0])
+            z, s = _tile_qparams(zeros_ptr, scales_ptr, rows, groups, stride_sn, kw, PER_WORD,
+                                 GROUP_SIZE)
+            p0, p1, p2, p3 = _tile_x(x_pairs, cols, kw, PER_WORD)
+            acc2 = _tile_dot(acc2, words, z, s, p0, p1, p2, p3, BITS)
+    else:
+        # Every input of the next K tile is loaded before this one's math (software
+        # pipelining: the zero points, scales and x are latency-bound loads otherwise waited
+        # on each tile). The first tile's weights depend on no earlier kernel, so they go out
+        # before the wait.
         words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups,
-                                          stride_sn, kw_next, PER_WORD, GROUP_SIZE)
-        p0_n, p1_n, p2_n, p3_n = _tile_x(x_pairs, cols, kw_next, PER_WORD)
-        s = s.to(tl.float32)
-        if BITS == 4:
-            x04, x15 = _x_pairs(p0, p2)
-            x26, x37 = _x_pairs(p1, p3)
-            z_lo, z_hi = tl.inline_asm_elementwise(_ZERO_PAIRS_W4_ASM, "=r,=r,r", [z],
-                                                   dtype=(tl.int32, tl.int32), is_pure=True,
-                                                   pack=1)
-            part = tl.inline_asm_elementwise(
-                _DOT_W4_ASM, "=r,r,r,r,r,r,r,r",
-                [words, x04[None, :, :], x15[None, :, :], x26[None, :, :], x37[None, :, :],
-                 z_lo[:, :, None], z_hi[:, :, None]],
-                dtype=tl.float32, is_pure=True, pack=1)
-            acc2 += part * (s * 64.0)[:, :, None]  # undo (q - z) / 16 and x / 4
-        else:
-            x02, x13 = _x_pairs(p0, p1)
-            z_pair = tl.inline_asm_elementwise(_ZERO_PAIR_W8_ASM, "=r,r", [z], dtype=tl.int32,
-                                               is_pure=True, pack=1)
-            part = tl.inline_asm_elementwise(
-                _DOT_W8_ASM, "=r,r,r,r,r",
-                [words, x02[None, :, :], x13[None, :, :], z_pair[:, :, None]],
-                dtype=tl.float32, is_pure=True, pack=1)
-            acc2 += part * (s * 1024.0)[:, :, None]  # undo (q - z) / 256 and x / 4
+                                          stride_sn, k_lo // PER_WORD, PER_WORD, GROUP_SIZE)
+        if PDL:
+            gdc_wait()
+        x_pairs = _input_pairs(x_ptr, norm_w_ptr, perm_ptr, scratch_ptr, row, pid_n, split,
+                               stride_xm, k_lo, kw_end, k_per_split, K, eps, PER_WORD, NORM,
+                               SILU, PERM, K_POW2, BLOCK_K)
+        p0_n, p1_n, p2_n, p3_n = _tile_x(x_pairs, cols, k_lo // PER_WORD, PER_WORD)
+        for kw in range(k_lo // PER_WORD, kw_end, WORDS):
+            words, z, s = words_n, z_n, s_n
+            p0, p1, p2, p3 = p0_n, p1_n, p2_n, p3_n
+            kw_next = tl.multiple_of(tl.minimum(kw + WORDS, kw_end - WORDS), WORDS)  # last: again
+            words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups,
+                                              stride_sn, kw_next, PER_WORD, GROUP_SIZE)
+            p0_n, p1_n, p2_n, p3_n = _tile_x(x_pairs, cols, kw_next, PER_WORD)
+            acc2 = _tile_dot(acc2, words, z, s, p0, p1, p2, p3, BITS)
     if PDL:  # the weights are read: the next kernel may start loading its own
         gdc_launch_dependents()
     acc = tl.sum(tl.sum(acc2, axis=2), axis=1)

@@ -53,6 +53,7 @@ from twinfer_kernels.pdl import launch_options
 
 GEMV_MAX_M = 1  # M=2..4 already run faster on the tensor cores (H100 sweep)
 DENSE_MIN_M = 256  # weight-only: above this many rows, dequantize once and use cuBLAS
+_HALF2 = ("gemv_h2", "gemv_h2_tma")  # the half2 GEMV's kernel names
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class KernelConfig:
     """Tile shape and launch parameters; ``quant_linear`` picks one unless given."""
 
     # "gemv" (weight-only, M=1, float32 math), "gemv_h2" (the same in half2 math: fp16 on
-    # CUDA, twinfer_kernels/half2_gemv.py), "dot", "tma" (W8A8 with TMA loads: Hopper, the
+    # CUDA, twinfer_kernels/half2_gemv.py), "gemv_h2_tma" (the half2 GEMV with its codes
+    # streamed by TMA through num_stages buffers: Hopper; "gemv_h2" elsewhere), "dot", "tma" (W8A8 with TMA loads: Hopper, the
     # interpreter; "dot" elsewhere), or "dequant" (weight-only, then cuBLAS)
     kernel: str
     block_m: int
@@ -394,7 +396,12 @@ def _tiles(M: int, N: int, cfg: KernelConfig) -> int:
     return triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
+def _hopper(device: torch.device) -> bool:
+    """A CUDA device with TMA: Hopper or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _tma_loads(device: torch.device, K: int) -> bool:
     """Whether int8 [*, K] tiles can come by TMA: Hopper or newer (the interpreter emulates it)
     and rows of a multiple of 16 bytes."""
@@ -402,7 +409,20 @@ def _tma_loads(device: torch.device, K: int) -> bool:
         return False
     if device.type != "cuda":
         return os.environ.get("TRITON_INTERPRET") == "1"
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return _hopper(device)
+
+
+def _half2_words_per_group(w: PreparedQuantWeight, block_k: int) -> int:
+    """Words of one quantization group within a half2 GEMV K tile (its WPG)."""
+    return min(block_k, w.group_size) * w.bits // 32
+
+
+def _half2_tma_loads(device: torch.device, w: PreparedQuantWeight, block_k: int) -> bool:
+    """Whether the half2 GEMV's codes can come by TMA: Hopper or later, and rows and
+    each group's piece of a K tile multiples of 16 bytes."""
+    block_k = _fit_block_k(block_k, w.group_size, w.in_features)
+    return (_hopper(device) and w.in_features * w.bits % 128 == 0
+            and _half2_words_per_group(w, block_k) % 4 == 0)
 
 
 def _fit_block_k(block_k: int, group_size: int, K: int | None = None) -> int:
@@ -419,18 +439,18 @@ def _fit_block_k(block_k: int, group_size: int, K: int | None = None) -> int:
 
 
 def choose_config(M: int, N: int, K: int, w: PreparedQuantWeight, num_sms: int,
-                  half2: bool = False) -> KernelConfig:
+                  half2: bool = False, tma: bool = False) -> KernelConfig:
     """Tile shape by M bucket, from sweeps on an H100 (bench.quant_kernels --sweep). Small M
     streams the weight once: split-K adds programs until ~2-8 per SM (4-bit unpacking costs
     more, so it wants more). Weight-only above DENSE_MIN_M rows dequantizes to a dense buffer
     for cuBLAS: dequantizing inside a Triton GEMM leaves the tensor cores waiting on the
     unpacking (0.5-0.65x fp16 at M=2048, against 0.85-0.9x). ``half2``: the packed-fp16
-    GEMV can run (fp16 activations on CUDA)."""
+    GEMV can run (fp16 activations on CUDA); ``tma``: the device has TMA (Hopper)."""
     half2_gemv = w.act_bits == 16 and M <= GEMV_MAX_M and half2
     if half2_gemv and w.bits == 8:
         return _half2_w8_config(N, K)
     if half2_gemv and w.group_size == 128:
-        return _half2_w4_g128_config(N, K)
+        return _half2_w4_g128_config(N, K, tma)
     if half2_gemv:
         # 4-bit in other group sizes; H200 sweep: 64 rows per program (more rows share each
         # x pair), K tiles within one group.
@@ -476,11 +496,16 @@ def _weight_only_mid_m_config(M: int, N: int, K: int, num_sms: int) -> KernelCon
     return dataclasses.replace(cfg, split_k=1 << (split.bit_length() - 1))
 
 
-def _half2_w4_g128_config(N: int, K: int) -> KernelConfig:
+def _half2_w4_g128_config(N: int, K: int, tma: bool) -> KernelConfig:
     """The half2 GEMV's tile for 4-bit, groups of 128, by projection shape: the best of a
     90-tile sweep per Llama-8B projection on an H200 with PDL (``python -m
     bench.quant_row_gemv``, RESULTS.md). Many short rows (gate/up) want few rows per program
-    and no split; o wants tiles spanning two groups."""
+    and no split; o wants tiles spanning two groups. With TMA (40 more tiles swept) the two
+    large projections stream their codes that way; qkv and o gained nothing from it."""
+    if tma and N >= 4 * K:
+        return KernelConfig("gemv_h2_tma", 1, 128, 256, 1)  # gate/up: 26.5 us
+    if tma and K > N:
+        return KernelConfig("gemv_h2_tma", 1, 64, 512, 4, num_warps=8)  # down: 17.0 us
     if N >= 4 * K:
         return KernelConfig("gemv_h2", 1, 32, 256, 1)  # gate/up 28672 x 4096: 30.1 us (32.1)
     if N > K:
@@ -563,9 +588,9 @@ def quant_linear(x: torch.Tensor | QuantizedActivation, w: PreparedQuantWeight,
             torch.addmm(bias, x2, dense.T, out=out)
     elif w.act_bits == 8:  # int8 rows: given, or quantized here
         _int8_linear(int8_x if int8_x is not None else quantize_rows(x2), w, bias, cfg, out)
-    elif cfg.kernel in ("gemv", "gemv_h2"):
+    elif cfg.kernel in ("gemv", *_HALF2):
         fused = _OneRowFusion(norm_weight, eps, silu, input_perm, residual, pdl)
-        (_half2_gemv if cfg.kernel == "gemv_h2" else _float_gemv)(x2, w, bias, cfg, out, fused)
+        (_half2_gemv if cfg.kernel in _HALF2 else _float_gemv)(x2, w, bias, cfg, out, fused)
     else:
         _dequantizing_dot(x2, w, bias, cfg, out)
     return out.view(*lead, N)
@@ -577,14 +602,17 @@ def _resolve_config(config: KernelConfig | None, x2: torch.Tensor, w: PreparedQu
     M, N, K = x2.shape[0], w.out_features, w.in_features
     half2 = (x2.dtype == torch.float16 and w.scales.dtype == torch.float16 and x2.is_cuda
              and os.environ.get("TRITON_INTERPRET") != "1")
-    cfg = config or choose_config(M, N, K, w, _num_sms(x2.device), half2)
-    if cfg.kernel == "gemv_h2" and not half2:
+    cfg = config or choose_config(M, N, K, w, _num_sms(x2.device), half2,
+                                  tma=half2 and _hopper(x2.device))
+    if cfg.kernel in _HALF2 and not half2:
         raise ValueError("the half2 GEMV needs fp16 activations on CUDA (not the interpreter)")
+    if cfg.kernel == "gemv_h2_tma" and not _half2_tma_loads(x2.device, w, cfg.block_k):
+        cfg = dataclasses.replace(cfg, kernel="gemv_h2")  # pre-Hopper GPUs, or unaligned rows
     if cfg.kernel == "tma" and (w.act_bits != 8 or cfg.split_k != 1):
         raise ValueError("the TMA kernel is for W8A8 without split-K")
     if cfg.kernel == "tma" and not _tma_loads(x2.device, K):
         cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
-    if one_row_extras and cfg.kernel not in ("gemv", "gemv_h2"):
+    if one_row_extras and cfg.kernel not in ("gemv", *_HALF2):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
                          f"GEMV kernels, not {cfg.kernel!r}")
     return cfg
@@ -628,7 +656,7 @@ class _Splits:
     @staticmethod
     def plan(cfg: KernelConfig, w: PreparedQuantWeight, out: torch.Tensor) -> _Splits:
         K = w.in_features
-        block_k = _fit_block_k(cfg.block_k, w.group_size, K if cfg.kernel == "gemv_h2" else None)
+        block_k = _fit_block_k(cfg.block_k, w.group_size, K if cfg.kernel in _HALF2 else None)
         k_per_split = triton.cdiv(K // block_k, cfg.split_k) * block_k
         num = triton.cdiv(K, k_per_split)
         part = out if num == 1 else torch.empty(num, *out.shape, dtype=torch.float32,
@@ -714,6 +742,11 @@ def _half2_gemv(x2: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     res = f.residual.reshape(M, N) if f.residual is not None else None
     words, x_pairs = w.qweight.view(torch.int32), x2.view(torch.int32)
     tiles_n = triton.cdiv(N, cfg.block_n)
+    w_desc = words  # a placeholder the kernel leaves unread without TMA
+    if cfg.kernel == "gemv_h2_tma":
+        wpg = _half2_words_per_group(w, splits.block_k)
+        gpt = splits.block_k * w.bits // 32 // wpg  # groups per K tile
+        w_desc = TensorDescriptor.from_tensor(words.view(N, -1, wpg), [cfg.block_n, gpt, wpg])
     # Split-K partials summed inside the kernel by each tile's last program: a separate
     # reduction kernel cost 14% of a w4a16 batch-1 decode step (H200 profile).
     in_kernel = (splits.num > 1 and w.split_counters is not None
@@ -722,12 +755,13 @@ def _half2_gemv(x2: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tensor | N
     scratch = (torch.empty(M * tiles_n * splits.num * splits.k_per_split, dtype=x2.dtype,
                            device=x2.device) if f.any else out)
     gemv_half2_kernel[(M, tiles_n, splits.num)](
-        x_pairs, words, w.scales, w.zeros, bias if bias is not None else out,
+        x_pairs, words, w_desc, w.scales, w.zeros, bias if bias is not None else out,
         _or(f.norm_weight, out), _or(f.input_perm, out), _or(res, out), scratch, splits.part,
         out, w.split_counters if in_kernel else out, M, N, K, splits.k_per_split, splits.num,
         f.eps, x_pairs.stride(0), words.stride(0), w.scales.stride(0), _or(res, out).stride(0),
         N, M * N, BITS=w.bits, GROUP_SIZE=w.group_size, FUSED_SPLITS=in_kernel,
-        HAS_RESIDUAL=res is not None and not sum_residual, **f.meta(K),
+        HAS_RESIDUAL=res is not None and not sum_residual, TMA=cfg.kernel == "gemv_h2_tma",
+        STAGES=cfg.num_stages, **f.meta(K),
         **{**splits.meta(cfg, bias), "HAS_BIAS": bias is not None and (splits.num == 1
                                                                         or in_kernel)})
     if not in_kernel:
