@@ -123,7 +123,8 @@ def run_case(k: int, n: int, m: int, copy_bw: float, sweep: bool) -> dict:
         w = prepare_quant_weight(quantize_rtn(dense, scheme), torch.float16)
         ws = copies([w.qweight, w.scales, w.zeros], w.nbytes, lambda ts, w=w: dataclasses.replace(
             w, qweight=ts[0], scales=ts[1], zeros=ts[2]))
-        default = choose_config(m, n, k, w, _num_sms(x.device), half2=True)
+        default = choose_config(m, n, k, w, _num_sms(x.device), half2=True,
+                                tma=torch.cuda.get_device_capability()[0] >= 9)
         ms = bench_ms(lambda w: quant_linear(x, w), ws)
         best = (ms, default)
         if sweep:

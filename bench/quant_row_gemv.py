@@ -9,10 +9,10 @@ Times are GPU time per call from a CUDA graph over enough weight copies to excee
 bench/quant_kernels.py); the roofline is the weight's bytes (codes, scales, zeros) over the
 copy bandwidth measured in the same run. Columns: unfused sequence; the plain GEMV alone;
 fused; fused with programmatic dependent launch (consecutive calls overlap, as in the decode
-step's chain); the plain GEMV with PDL at ``choose_config``'s tile; then the best (block_n,
-block_k, split_k, warps) of a sweep for the plain GEMV with PDL, what the quantized decode
-step runs (K tiles of 256 or 512 span several groups of 128), from which ``choose_config``
-is set.
+step's chain); the plain GEMV with PDL at ``choose_config``'s tile; then the best (kernel,
+block_n, block_k, split_k, warps, stages) of a sweep for the plain GEMV with PDL, what the
+quantized decode step runs (K tiles of 256 or 512 span several groups of 128; on Hopper also
+the kernel with its codes streamed by TMA), from which ``choose_config`` is set.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             t_plain = bench_ms(lambda w, xin=xin: quant_linear(xin, w), ws) * 1e3
             t_fused = bench_ms(lambda w, x=x, kw=kw: quant_linear(x, w, **kw), ws) * 1e3
             t_pdl = bench_ms(lambda w, x=x, kw=kw: quant_linear(x, w, **kw, pdl=pdl), ws) * 1e3
-            default = choose_config(1, n, k, ws[0], _num_sms(x.device), half2=True)
+            default = choose_config(1, n, k, ws[0], _num_sms(x.device), half2=True, tma=pdl)
             t_default = bench_ms(lambda w, xin=xin, c=default: quant_linear(xin, w, None, c,
                                                                            pdl=pdl), ws) * 1e3
             best = (t_default, (default.kernel, default.block_n, default.block_k,
