@@ -92,8 +92,9 @@ def test_w8a8_linear_matches_reference(dtype, m):
     KernelConfig("gemv", 4, 32, 32, split_k=3),  # splits of 2, 2 and 2 K tiles
     KernelConfig("dot", 16, 32, 64, split_k=2),
     KernelConfig("dot", 32, 16, 32, split_k=1, group_m=2),
+    KernelConfig("dot_tma", 16, 32, 64, split_k=2),
     KernelConfig("dequant", 1, 16, 64),
-], ids=["gemv", "gemv-splitk", "dot-splitk", "dot-grouped", "dequant"])
+], ids=["gemv", "gemv-splitk", "dot-splitk", "dot-grouped", "dot-tma-splitk", "dequant"])
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 64, False), (8, -1, True)])
 def test_every_kernel_path_matches_reference(config, bits, group_size, sym):
     qw = random_quantized(40, 192, QuantScheme(bits, group_size, sym), seed=7)
@@ -332,6 +333,21 @@ def test_half2_gemv_matches_reference_on_gpu(bits, group_size, sym, k, n, block_
     config = KernelConfig(kernel, 1, block_n, 256, split_k=split_k)
     out = quant_linear(x, prepare_quant_weight(qw, torch.float16), bias, config=config)
     assert_close_to_reference(out, quant_linear_reference(x, qw, bias), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
+@pytest.mark.parametrize("m,bits", [(16, 4), (5, 8)])
+def test_weight_only_dot_over_tma_is_deterministic_on_gpu(m, bits):
+    """Its codes by TMA, x by plain loads: with x by TMA as well, some tiles raced."""
+    qw = random_quantized(4096, 4096, QuantScheme(bits, 128, False), seed=m)
+    w = prepare_quant_weight(qw, torch.float16)
+    x = random_x(m, 4096, torch.float16, seed=bits)
+    config = KernelConfig("dot_tma", 16, 64, 128, split_k=2, num_stages=4)
+    first = quant_linear(x, w, config=config)
+    assert_close_to_reference(first, quant_linear_reference(x, qw), torch.float16)
+    for _ in range(50):
+        assert torch.equal(quant_linear(x, w, config=config), first)
 
 
 @pytest.mark.gpu

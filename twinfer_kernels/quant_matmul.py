@@ -93,8 +93,10 @@ class KernelConfig:
 
     # "gemv" (weight-only, M=1, float32 math), "gemv_h2" (the same in half2 math: fp16 on
     # CUDA, twinfer_kernels/half2_gemv.py), "gemv_h2_tma" (the half2 GEMV with its codes
-    # streamed by TMA through num_stages buffers: Hopper; "gemv_h2" elsewhere), "dot", "tma" (W8A8 with TMA loads: Hopper, the
-    # interpreter; "dot" elsewhere), or "dequant" (weight-only, then cuBLAS)
+    # streamed by TMA through num_stages buffers: Hopper; "gemv_h2" elsewhere), "dot", "tma"
+    # (W8A8 with TMA loads: Hopper, the interpreter; "dot" elsewhere), "dot_tma"
+    # (weight-only "dot" with its codes by TMA: the same devices), or "dequant"
+    # (weight-only, then cuBLAS)
     kernel: str
     block_m: int
     block_n: int
@@ -140,14 +142,17 @@ def prepare_quant_weight(qw: QuantizedWeight, dtype: torch.dtype) -> PreparedQua
 @triton.jit
 def _load_codes(qw_ptr, rows, k0, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] integer codes of weight rows ``rows``, columns k0 .. k0 + BLOCK_K."""
+    cols = k0 * BITS // 8 + tl.arange(0, BLOCK_K * BITS // 8)
+    return _unpack_codes(tl.load(qw_ptr + rows[:, None] * stride_qn + cols[None, :]), BITS)
+
+
+@triton.jit
+def _unpack_codes(packed, BITS: tl.constexpr):
+    """Codes from prepare_quant_weight's bytes: two per byte for 4-bit, even k in the low
+    nibble."""
     if BITS == 4:
-        cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(qw_ptr + rows[:, None] * stride_qn + cols[None, :])
-        codes = tl.interleave(packed & 0xF, packed >> 4)  # even k in the low nibble
-    else:
-        cols = k0 + tl.arange(0, BLOCK_K)
-        codes = tl.load(qw_ptr + rows[:, None] * stride_qn + cols[None, :])
-    return codes
+        return tl.interleave(packed & 0xF, packed >> 4)
+    return packed
 
 
 @triton.jit
@@ -264,17 +269,21 @@ def _gemv_kernel(
 
 @triton.jit
 def _dot_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, qw_desc, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, stride_xm, stride_qn, stride_sn, stride_om, stride_os,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
     FP16_MATH: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Computes out.T = W @ x.T: the weight tile dequantized in registers is the dot's first
     # operand, which the tensor cores (wgmma) read straight from registers; x comes through
-    # shared memory. Small M then only pads the dot's N side (>= 16).
+    # shared memory. Small M then only pads the dot's N side (>= 16). TMA: the packed codes
+    # come through qw_desc (blocks [BLOCK_N, BLOCK_K * BITS / 8] bytes); x keeps plain loads
+    # (with x by TMA too, some tiles gave nondeterministic results: RESULTS.md).
     offs_m, offs_n, xrows, rows, split = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
+    n0 = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)[1] * BLOCK_N
     k_lo = split * k_per_split
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     if SCALE_AFTER_DOT:  # one group per row: dot the exact integers (q - z), scale at the end
@@ -282,7 +291,10 @@ def _dot_kernel(
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         k0 = tl.multiple_of(k0, BLOCK_K)
         a = tl.load(x_ptr + xrows[:, None] * stride_xm + (k0 + offs_k)[None, :])  # [BM, BK]
-        q = _load_codes(qw_ptr, rows, k0, stride_qn, BITS, BLOCK_K)  # [BN, BK]
+        if TMA:
+            q = _unpack_codes(qw_desc.load([n0, k0 * BITS // 8]), BITS)
+        else:
+            q = _load_codes(qw_ptr, rows, k0, stride_qn, BITS, BLOCK_K)  # [BN, BK]
         if not SCALE_AFTER_DOT:
             g = k0 // GROUP_SIZE
             z = tl.load(zeros_ptr + rows * stride_sn + g)
@@ -612,6 +624,10 @@ def _resolve_config(config: KernelConfig | None, x2: torch.Tensor, w: PreparedQu
         raise ValueError("the TMA kernel is for W8A8 without split-K")
     if cfg.kernel == "tma" and not _tma_loads(x2.device, K):
         cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
+    if cfg.kernel == "dot_tma" and w.act_bits != 16:
+        raise ValueError("the dot_tma kernel is for weight-only weights; W8A8 has 'tma'")
+    if cfg.kernel == "dot_tma" and not _tma_loads(x2.device, K * w.bits // 8):
+        cfg = dataclasses.replace(cfg, kernel="dot")
     if one_row_extras and cfg.kernel not in ("gemv", *_HALF2):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
                          f"GEMV kernels, not {cfg.kernel!r}")
@@ -705,12 +721,17 @@ def _dequantizing_dot(x2: torch.Tensor, w: PreparedQuantWeight, bias: torch.Tens
     """Weight-only, several rows: _dot_kernel on the tensor cores, into ``out``."""
     (M, N), K = out.shape, w.in_features
     splits = _Splits.plan(cfg, w, out)
+    qw_desc = w.qweight  # a placeholder the kernel leaves unread without TMA
+    if cfg.kernel == "dot_tma":
+        qw_desc = TensorDescriptor.from_tensor(w.qweight,
+                                               [cfg.block_n, splits.block_k * w.bits // 8])
     _dot_kernel[(_tiles(M, N, cfg), splits.num)](
-        x2, w.qweight, w.scales, w.zeros, bias if bias is not None else out, splits.part,
+        x2, w.qweight, qw_desc, w.scales, w.zeros, bias if bias is not None else out,
+        splits.part,
         M, N, K, splits.k_per_split, x2.stride(0), w.qweight.stride(0), w.scales.stride(0),
         N, M * N, BITS=w.bits, GROUP_SIZE=w.group_size, SCALE_AFTER_DOT=w.group_size == K,
         FP16_MATH=w.scales.dtype == torch.float16,
-        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", TMA=cfg.kernel == "dot_tma",
         BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, **splits.meta(cfg, bias))
     splits.add_partials(bias, None, out)
 
