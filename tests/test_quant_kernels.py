@@ -230,6 +230,17 @@ def test_one_fp16_row_on_hopper_streams_the_large_4bit_projections_by_tma():
         "gemv_h2")  # o_proj: TMA gained nothing there
 
 
+def test_up_to_16_rows_on_hopper_stream_the_codes_by_tma():
+    for bits in (4, 8):
+        w = prepare_quant_weight(random_quantized(48, 256, QuantScheme(bits, 128, False), seed=1),
+                                 torch.float16)
+        for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+            assert choose_config(16, n, k, w, num_sms=132, half2=True, tma=True).kernel == (
+                "dot_tma")
+            assert choose_config(16, n, k, w, num_sms=132, half2=True).kernel == "dot"
+            assert choose_config(17, n, k, w, num_sms=132, half2=True, tma=True).kernel == "dot"
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's refusal")
 def test_half2_gemv_refuses_the_interpreter():
     qw = random_quantized(48, 192, QuantScheme(4, 64, False), seed=1)
