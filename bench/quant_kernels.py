@@ -75,8 +75,8 @@ def sweep_configs(m: int, bits: int, act_bits: int) -> list[KernelConfig]:
         return [C("gemv_h2", 1, bn, 256, s, warps) for bn in (16, 32, 64)
                 for s in (2, 4, 8, 16) for warps in (2, 4)]
     if m <= 16:
-        cfgs = [C("dot", 16, bn, bk, s, 4, 4) for bn in (32, 64) for bk in (128, 256)
-                for s in (1, 2, 4, 8)]
+        cfgs = [C(kind, 16, bn, bk, s, 4, stages) for kind, stages in (("dot", 4), ("dot_tma", 3))
+                for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 2, 4, 8)]
         if m <= 4 and act_bits == 16:
             cfgs += [C("gemv", 1, bn, 256, s) for bn in (16, 32, 64) for s in (2, 4, 8)]
         return cfgs

@@ -103,6 +103,22 @@ def test_every_kernel_path_matches_reference(config, bits, group_size, sym):
     assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float32)
 
 
+def test_weight_only_dot_over_tma_falls_back_where_rows_are_not_16_byte_multiples():
+    """K = 80 at 4 bits is 40 bytes a row: no TMA descriptor, so the plain loads run."""
+    qw = random_quantized(24, 80, QuantScheme(4, 16, False), seed=11)
+    x = random_x(3, 80, torch.float32, seed=12)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float32),
+                       config=KernelConfig("dot_tma", 16, 16, 16))
+    assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float32)
+
+
+def test_dot_tma_is_refused_for_w8a8_weights():
+    w = prepare_quant_weight(random_quantized(32, 64, W8A8, seed=1), torch.float16)
+    with pytest.raises(ValueError, match="dot_tma kernel is for weight-only"):
+        quant_linear(random_x(2, 64, torch.float16, seed=2), w,
+                     config=KernelConfig("dot_tma", 16, 32, 32))
+
+
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), W8A8], ids=["w4", "w8a8"])
 @pytest.mark.parametrize("kernel,split_k", [("dot", 1), ("dot", 3), ("dequant", 1)])
 def test_bias_is_added_once(scheme, kernel, split_k):
