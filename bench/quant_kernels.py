@@ -82,8 +82,9 @@ def sweep_configs(m: int, bits: int, act_bits: int) -> list[KernelConfig]:
         return cfgs
     if act_bits == 16 and m <= 256:
         bm = min(256, triton.next_power_of_2(m))
-        return [C("dot", b, bn, 128, s, w, 3) for b in (bm, bm // 2) for bn in (64, 128)
-                for s in (1, 2, 4) for w in (4, 8)] + [C("dequant", 1, 64, 128)]
+        return [C(kind, b, bn, 128, s, w, 3) for kind in ("dot", "dot_tma")
+                for b in (bm, bm // 2) for bn in (64, 128) for s in (1, 2, 4)
+                for w in (4, 8)] + [C("dequant", 1, 64, 128)]
     if act_bits == 16:
         return [C("dot", 256, 128, 64, 1, 8, 3), C("dequant", 1, 64, 128),
                 C("dequant", 1, 32, 256, num_warps=8)]
