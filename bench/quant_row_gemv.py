@@ -38,9 +38,8 @@ SCHEMES = {"w4a16-g128": QuantScheme(4, 128, False), "w8a16": QuantScheme(8, -1,
 # (kernel, block_n, block_k, split_k, warps, stages); stages matter to the TMA kernel only.
 SWEEP = ([("gemv_h2", bn, bk, s, nw, 3) for bn in (32, 64, 128) for bk in (128, 256, 512)
           for s in (1, 2, 4, 8, 16) for nw in (4, 8) if not (bn == 32 and nw == 8)]
-         + [("gemv_h2_tma", bn, bk, s, nw, st) for bn in (32, 64, 128) for bk in (256, 512)
-            for s in (1, 2, 4, 8) for nw in (4, 8) for st in (3,)
-            if not (bn == 32 and nw == 8)])
+         + [("gemv_h2_tma", bn, bk, s, nw, 3) for bn in (32, 64, 128) for bk in (256, 512)
+            for s in (1, 2, 4, 8) for nw in (4, 8) if not (bn == 32 and nw == 8)])
 
 
 def main(argv: list[str] | None = None) -> None:
