@@ -48,3 +48,21 @@ def test_fast_roofline_target_table_marks_each_figure_met_or_not(capsys):
     assert "| decode batch 1, context 1024: speed-up over transformers generate | 5.0x | " \
            "reported |" in out
     assert not any("attention" in line for line in out)  # not measured: not listed
+
+
+def test_sass_loop_counts_the_dot_kernels_k_loop_compiled_offline_for_hopper():
+    import os
+    import subprocess
+    import sys
+
+    # The tests run Triton's interpreter; compiling for sm_90 needs the real JIT.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.sass_loop", "--rows", "16", "--block-n",
+                          "64", "--warps", "4", "--stages", "2"], env=env, capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))
+                         ).stdout
+    header = re.search(r"(\d+) instructions per thread per K tile, (\d+\.\d) per weight code", out)
+    counts = dict(re.findall(r"^\| ([A-Z0-9_]+) \| (\d+) \|$", out, re.M))
+    # A 64 x 128 weight tile on 4 warps: 8 wgmmas of K 16, and every code unpacked in the loop
+    assert int(counts["HGMMA"]) == 8 and int(counts["LOP3"]) >= 32
+    assert int(header.group(1)) == sum(map(int, counts.values()))
