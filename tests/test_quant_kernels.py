@@ -112,6 +112,15 @@ def test_weight_only_dot_over_tma_falls_back_where_rows_are_not_16_byte_multiple
     assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float32)
 
 
+def test_weight_only_dot_over_tma_falls_back_where_a_groups_codes_are_under_16_bytes():
+    """Groups of 16 cut the K tile to 16 codes, 8 bytes at 4 bits: below a TMA block's row."""
+    qw = random_quantized(40, 192, QuantScheme(4, 16, False), seed=7)
+    x = random_x(5, 192, torch.float32, seed=8)
+    out = quant_linear(x, prepare_quant_weight(qw, torch.float32),
+                       config=KernelConfig("dot_tma", 16, 32, 64, split_k=2))
+    assert_close_to_reference(out, quant_linear_reference(x, qw), torch.float32)
+
+
 def test_dot_tma_is_refused_for_w8a8_weights():
     w = prepare_quant_weight(random_quantized(32, 64, W8A8, seed=1), torch.float16)
     with pytest.raises(ValueError, match="dot_tma kernel is for weight-only"):

@@ -646,7 +646,9 @@ def _resolve_config(config: KernelConfig | None, x2: torch.Tensor, w: PreparedQu
         cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
     if cfg.kernel == "dot_tma" and w.act_bits != 16:
         raise ValueError("the dot_tma kernel is for weight-only weights; W8A8 has 'tma'")
-    if cfg.kernel == "dot_tma" and not _tma_loads(x2.device, K * w.bits // 8):
+    # A descriptor's block needs 16-byte rows: the K tile (cut to the group) of codes too.
+    if cfg.kernel == "dot_tma" and not (_tma_loads(x2.device, K * w.bits // 8) and
+                                        _fit_block_k(cfg.block_k, w.group_size) * w.bits >= 128):
         cfg = dataclasses.replace(cfg, kernel="dot")
     if one_row_extras and cfg.kernel not in ("gemv", *_HALF2):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
