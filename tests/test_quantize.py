@@ -589,3 +589,29 @@ def test_gptq_uses_act_order_unless_told_not_to(tiny_model_factory, calib_file, 
         out = tmp_path / f"q{desc_act}"
         assert cli_main(["quantize", model, *common, *flag, "-o", str(out)]) == 0
         assert load_weights(out).quantization_config["desc_act"] is desc_act
+
+
+def test_quant_swap_takes_the_named_units_of_the_named_layers_from_the_other_checkpoint(
+        quantized_tiny):
+    from bench.quant_swap import swapped_tensors
+
+    base = load_weights(quantized_tiny("rtn-w4-g32-asym"))
+    other = load_weights(quantized_tiny("awq-w4-g32"))
+    t = swapped_tensors(base, other, ["mlp"], range(1, 2))
+    assert torch.equal(t["model.layers.1.mlp.up_proj.weight"],
+                       other.quantized_linear("model.layers.1.mlp.up_proj").dequantize())
+    assert torch.equal(t["model.layers.1.post_attention_layernorm.weight"],
+                       other.get("model.layers.1.post_attention_layernorm.weight").float())
+    assert torch.equal(t["model.layers.0.mlp.up_proj.weight"],
+                       base.quantized_linear("model.layers.0.mlp.up_proj").dequantize())
+    assert torch.equal(t["model.layers.1.self_attn.q_proj.weight"],
+                       base.quantized_linear("model.layers.1.self_attn.q_proj").dequantize())
+    assert not any(name.endswith((".qweight", ".scales")) for name in t)
+
+
+def test_quant_swap_rejects_an_unknown_unit(quantized_tiny):
+    from bench.quant_swap import swapped_tensors
+
+    base = load_weights(quantized_tiny("rtn-w4-g32-asym"))
+    with pytest.raises(ValueError, match="unknown units \\['attention'\\]"):
+        swapped_tensors(base, base, ["attention"], range(1))
