@@ -259,15 +259,18 @@ def gemv_half2_kernel(
     k_lo = split * k_per_split
     kw_end = tl.minimum(k_lo + k_per_split, K) // PER_WORD
     acc2 = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
+    if not TMA:  # the first tile's weights depend on no earlier kernel: out before the wait
+        words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups,
+                                          stride_sn, k_lo // PER_WORD, PER_WORD, GROUP_SIZE)
+    if PDL:
+        gdc_wait()
+    x_pairs = _input_pairs(x_ptr, norm_w_ptr, perm_ptr, scratch_ptr, row, pid_n, split,
+                           stride_xm, k_lo, kw_end, k_per_split, K, eps, PER_WORD, NORM, SILU,
+                           PERM, K_POW2, BLOCK_K)
     if TMA:
         # Hopper: the copy engine streams the codes STAGES - 1 tiles ahead while the warps
         # compute, where the register prefetch below holds one tile in flight per thread
         # (H200, 4-bit: gate/up 29.8 -> 26.5 us, down 18.5 -> 17.0; RESULTS.md).
-        if PDL:
-            gdc_wait()
-        x_pairs = _input_pairs(x_ptr, norm_w_ptr, perm_ptr, scratch_ptr, row, pid_n, split,
-                               stride_xm, k_lo, kw_end, k_per_split, K, eps, PER_WORD, NORM,
-                               SILU, PERM, K_POW2, BLOCK_K)
         for kw in tl.range(k_lo // PER_WORD, kw_end, WORDS, num_stages=STAGES):
             words = w_desc.load([pid_n * BLOCK_N, kw // WPG, 0])
             z, s = _tile_qparams(zeros_ptr, scales_ptr, rows, groups, stride_sn, kw, PER_WORD,
@@ -277,15 +280,7 @@ def gemv_half2_kernel(
     else:
         # Every input of the next K tile is loaded before this one's math (software
         # pipelining: the zero points, scales and x are latency-bound loads otherwise waited
-        # on each tile). The first tile's weights depend on no earlier kernel, so they go out
-        # before the wait.
-        words_n, z_n, s_n = _tile_weights(w_ptrs, zeros_ptr, scales_ptr, rows, groups,
-                                          stride_sn, k_lo // PER_WORD, PER_WORD, GROUP_SIZE)
-        if PDL:
-            gdc_wait()
-        x_pairs = _input_pairs(x_ptr, norm_w_ptr, perm_ptr, scratch_ptr, row, pid_n, split,
-                               stride_xm, k_lo, kw_end, k_per_split, K, eps, PER_WORD, NORM,
-                               SILU, PERM, K_POW2, BLOCK_K)
+        # on each tile).
         p0_n, p1_n, p2_n, p3_n = _tile_x(x_pairs, cols, k_lo // PER_WORD, PER_WORD)
         for kw in range(k_lo // PER_WORD, kw_end, WORDS):
             words, z, s = words_n, z_n, s_n
