@@ -7,7 +7,9 @@ evaluate with ``twinfer eval ppl``:
 
 Units are what a method changes together: ``attn_in`` = the input norm with q/k/v (AWQ and
 GPTQ's AWQ scales fold into the norm), ``o`` = o_proj, ``mlp`` = the post-attention norm with
-gate/up/down (down's scales fold into up's rows). Quantized linears are written dequantized,
+gate/up/down (down's scales fold into up's rows). ``q``, ``k``, ``v`` and ``gate`` alone keep
+BASE's norm: OTHER's weight is then written times norm_other / norm_base per input column, the
+same function of the layer's input. Quantized linears are written dequantized,
 so OUT with no units swapped scores exactly as BASE does (weight-only schemes; a W8A8
 checkpoint's activation rounding is not kept). bench/RESULTS.md has AWQ against GPTQ.
 """
@@ -28,7 +30,11 @@ UNITS = {
     "attn_in": ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "o": ("self_attn.o_proj",),
     "mlp": ("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "q": ("self_attn.q_proj",), "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",),
+    "gate": ("mlp.gate_proj",),
 }
+_NORM_OF = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+            "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
 _QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale")
 
 
@@ -53,8 +59,22 @@ def swapped_tensors(base: ModelWeights, other: ModelWeights, units: list[str],
         quantized = weights.quantized_linear(module) if name.endswith(".weight") else None
         tensor = quantized.dequantize(torch.float32) if quantized is not None else \
             weights.get(name).float()
+        if weights is other and name.endswith(".weight"):
+            tensor = _under_base_norm(tensor, module, base, other, from_other)
         out[name] = tensor.contiguous()
     return out
+
+
+def _under_base_norm(tensor: torch.Tensor, module: str, base: ModelWeights,
+                     other: ModelWeights, from_other: set[str]) -> torch.Tensor:
+    """OTHER's weight of linear ``module``, for a layer that keeps BASE's input norm: times
+    norm_other / norm_base per input column (both norms hold folded scales)."""
+    parts = module.split(".")
+    layer, linear = ".".join(parts[:3]), ".".join(parts[3:])
+    norm = f"{layer}.{_NORM_OF[linear]}" if linear in _NORM_OF else None
+    if norm is None or norm in from_other:
+        return tensor
+    return tensor * (other.get(norm + ".weight").float() / base.get(norm + ".weight").float())
 
 
 def write_swapped(base_dir: str | Path, other_dir: str | Path, out_dir: str | Path,

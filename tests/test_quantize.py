@@ -609,6 +609,22 @@ def test_quant_swap_takes_the_named_units_of_the_named_layers_from_the_other_che
     assert not any(name.endswith((".qweight", ".scales")) for name in t)
 
 
+def test_quant_swap_of_one_linear_keeps_base_norm_and_the_others_function_of_the_input(
+        quantized_tiny):
+    """AWQ folds its scales into the norm: OTHER's q under BASE's norm is rescaled per column."""
+    from bench.quant_swap import swapped_tensors
+
+    base = load_weights(quantized_tiny("rtn-w4-g32-asym"))
+    other = load_weights(quantized_tiny("awq-w4-g32"))
+    t = swapped_tensors(base, other, ["q"], range(2))
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(t[norm], base.get(norm).float())
+    assert not torch.allclose(base.get(norm).float(), other.get(norm).float())
+    q = other.quantized_linear("model.layers.0.self_attn.q_proj").dequantize()
+    torch.testing.assert_close(t["model.layers.0.self_attn.q_proj.weight"] * t[norm],
+                               q * other.get(norm).float())
+
+
 def test_quant_swap_rejects_an_unknown_unit(quantized_tiny):
     from bench.quant_swap import swapped_tensors
 
