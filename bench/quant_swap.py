@@ -9,9 +9,9 @@ Units are what a method changes together: ``attn_in`` = the input norm with q/k/
 GPTQ's AWQ scales fold into the norm), ``o`` = o_proj, ``mlp`` = the post-attention norm with
 gate/up/down (down's scales fold into up's rows). ``q``, ``k``, ``v`` and ``gate`` alone keep
 BASE's norm: OTHER's weight is then written times norm_other / norm_base per input column, the
-same function of the layer's input. Quantized linears are written dequantized,
-so OUT with no units swapped scores exactly as BASE does (weight-only schemes; a W8A8
-checkpoint's activation rounding is not kept). bench/RESULTS.md has AWQ against GPTQ.
+same function of the layer's input. Quantized linears are written dequantized, so OUT with
+no units swapped scores exactly as BASE does (weight-only schemes; a W8A8 checkpoint's
+activation rounding is not kept). bench/RESULTS.md has AWQ against GPTQ.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def _under_base_norm(tensor: torch.Tensor, module: str, base: ModelWeights,
 
 def write_swapped(base_dir: str | Path, other_dir: str | Path, out_dir: str | Path,
                   units: list[str], layers: range | None = None) -> Path:
-    """``swapped_tensors`` saved as a dense checkpoint (config and tokenizer from BASE)."""
+    """``swapped_tensors`` saved as a dense checkpoint (config and tokenizer files from the
+    BASE directory)."""
     base, other = load_weights(base_dir), load_weights(other_dir)
     if other.config != base.config:
         raise ValueError(f"{other_dir} and {base_dir} are not the same model")
@@ -88,7 +89,7 @@ def write_swapped(base_dir: str | Path, other_dir: str | Path, out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     save_file(swapped_tensors(base, other, units, layers), str(out / "model.safetensors"))
     cfg = {k: v for k, v in base.hf_config.items() if k != "quantization_config"}
-    json.dump({**cfg, "torch_dtype": "float32"}, open(out / "config.json", "w"), indent=1)
+    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "float32"}, indent=1))
     for f in Path(base_dir).iterdir():
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy(f, out / f.name)

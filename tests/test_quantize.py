@@ -625,6 +625,18 @@ def test_quant_swap_of_one_linear_keeps_base_norm_and_the_others_function_of_the
                                q * other.get(norm).float())
 
 
+def test_quant_swap_writes_a_dense_checkpoint_that_loads_and_scores_as_its_base(
+        quantized_tiny, tmp_path):
+    from bench.quant_swap import main as quant_swap
+
+    base_dir = quantized_tiny("rtn-w4-g32-asym")
+    quant_swap([str(base_dir), str(quantized_tiny("awq-w4-g32")), str(tmp_path / "out")])
+    dense, base = load_weights(tmp_path / "out"), load_weights(base_dir)
+    assert dense.quantization_config is None and dense.config == base.config
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(dense.get(name + ".weight"), base.quantized_linear(name).dequantize())
+
+
 def test_quant_swap_rejects_an_unknown_unit(quantized_tiny):
     from bench.quant_swap import swapped_tensors
 
