@@ -24,6 +24,7 @@ from twinfer.quant import QuantScheme, quantize_rtn
 from twinfer_kernels.dense_gemv import dense_gemv
 from twinfer_kernels.quant_matmul import (
     KernelConfig,
+    _hopper,
     _num_sms,
     choose_config,
     prepare_quant_weight,
@@ -125,7 +126,7 @@ def run_case(k: int, n: int, m: int, copy_bw: float, sweep: bool) -> dict:
         ws = copies([w.qweight, w.scales, w.zeros], w.nbytes, lambda ts, w=w: dataclasses.replace(
             w, qweight=ts[0], scales=ts[1], zeros=ts[2]))
         default = choose_config(m, n, k, w, _num_sms(x.device), half2=True,
-                                tma=torch.cuda.get_device_capability()[0] >= 9)
+                                tma=_hopper(x.device))
         ms = bench_ms(lambda w: quant_linear(x, w), ws)
         best = (ms, default)
         if sweep:

@@ -28,6 +28,7 @@ from twinfer.quant import QuantScheme, quantize_rtn
 from twinfer_kernels.elementwise import rms_norm, silu_and_mul
 from twinfer_kernels.quant_matmul import (
     KernelConfig,
+    _hopper,
     _num_sms,
     choose_config,
     prepare_quant_weight,
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             t_plain = bench_ms(lambda w, xin=xin: quant_linear(xin, w), ws) * 1e3
             t_fused = bench_ms(lambda w, x=x, kw=kw: quant_linear(x, w, **kw), ws) * 1e3
             t_pdl = bench_ms(lambda w, x=x, kw=kw: quant_linear(x, w, **kw, pdl=pdl), ws) * 1e3
-            default = choose_config(1, n, k, ws[0], _num_sms(x.device), half2=True, tma=pdl)
+            default = choose_config(1, n, k, ws[0], _num_sms(x.device), half2=True,
+                                    tma=_hopper(x.device))
             t_default = bench_ms(lambda w, xin=xin, c=default: quant_linear(xin, w, None, c,
                                                                            pdl=pdl), ws) * 1e3
             best = (t_default, (default.kernel, default.block_n, default.block_k,

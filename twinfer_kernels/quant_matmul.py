@@ -180,11 +180,11 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 @triton.jit
 def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """The split-K dot kernels' program: its output rows and columns, the same wrapped in
-    bounds for loads (x rows, weight rows), and its K split."""
+    bounds for loads (x rows, weight rows), its K split and its first weight row."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n, offs_m % M, offs_n % N, tl.program_id(1)
+    return offs_m, offs_n, offs_m % M, offs_n % N, tl.program_id(1), pid_n * BLOCK_N
 
 
 @triton.jit
@@ -283,9 +283,8 @@ def _dot_kernel(
     # shared memory. Small M then only pads the dot's N side (>= 16). TMA: the packed codes
     # come through qw_desc (blocks [BLOCK_N, BLOCK_K * BITS / 8] bytes); x keeps plain loads
     # (with x by TMA too, some tiles gave nondeterministic results: RESULTS.md).
-    offs_m, offs_n, xrows, rows, split = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, xrows, rows, split, n0 = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    n0 = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)[1] * BLOCK_N
     k_lo = split * k_per_split
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     if SCALE_AFTER_DOT:  # one group per row: dot the exact integers (q - z), scale at the end
@@ -332,7 +331,7 @@ def _int8_dot_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n, xrows, rows, split = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, xrows, rows, split, _ = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = split * k_per_split
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)  # out.T, as in _dot_kernel
@@ -437,6 +436,13 @@ def _half2_tma_loads(device: torch.device, w: PreparedQuantWeight, block_k: int)
     block_k = _fit_block_k(block_k, w.group_size, w.in_features)
     return (_hopper(device) and w.in_features * w.bits % 128 == 0
             and _half2_words_per_group(w, block_k) % 4 == 0)
+
+
+def _dot_tma_loads(device: torch.device, w: PreparedQuantWeight, block_k: int) -> bool:
+    """Whether the weight-only dot kernel's codes can come by TMA: as ``_tma_loads`` for its
+    packed rows, and a K tile (cut to the group) of at least 16 bytes of codes."""
+    return (_tma_loads(device, w.in_features * w.bits // 8)
+            and _fit_block_k(block_k, w.group_size) * w.bits >= 128)
 
 
 def _fit_block_k(block_k: int, group_size: int, K: int | None = None) -> int:
@@ -646,10 +652,8 @@ def _resolve_config(config: KernelConfig | None, x2: torch.Tensor, w: PreparedQu
         cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
     if cfg.kernel == "dot_tma" and w.act_bits != 16:
         raise ValueError("the dot_tma kernel is for weight-only weights; W8A8 has 'tma'")
-    # A descriptor's block needs 16-byte rows: the K tile (cut to the group) of codes too.
-    if cfg.kernel == "dot_tma" and not (_tma_loads(x2.device, K * w.bits // 8) and
-                                        _fit_block_k(cfg.block_k, w.group_size) * w.bits >= 128):
-        cfg = dataclasses.replace(cfg, kernel="dot")
+    if cfg.kernel == "dot_tma" and not _dot_tma_loads(x2.device, w, cfg.block_k):
+        cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
     if one_row_extras and cfg.kernel not in ("gemv", *_HALF2):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
                          f"GEMV kernels, not {cfg.kernel!r}")
