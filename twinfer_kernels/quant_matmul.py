@@ -653,7 +653,8 @@ def _resolve_config(config: KernelConfig | None, x2: torch.Tensor, w: PreparedQu
     if cfg.kernel == "dot_tma" and w.act_bits != 16:
         raise ValueError("the dot_tma kernel is for weight-only weights; W8A8 has 'tma'")
     if cfg.kernel == "dot_tma" and not _dot_tma_loads(x2.device, w, cfg.block_k):
-        cfg = dataclasses.replace(cfg, kernel="dot")  # pre-Hopper GPUs, or unaligned rows
+        # pre-Hopper GPUs, unaligned rows, or K tiles of codes under 16 bytes (4-bit g16)
+        cfg = dataclasses.replace(cfg, kernel="dot")
     if one_row_extras and cfg.kernel not in ("gemv", *_HALF2):
         raise ValueError(f"norm / SiLU / gather / residual / PDL fuse only into the one-row "
                          f"GEMV kernels, not {cfg.kernel!r}")
