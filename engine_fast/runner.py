@@ -33,6 +33,11 @@ class FastRunner:
     """Runs ScheduledBatches through FastLlama; CUDA graphs for decode on CUDA."""
 
     def __init__(self, config: EngineConfig, weights: ModelWeights, use_cuda_graphs: bool = True):
+        if config.cache.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype!r} is served by "
+                             "engine 'torch' only so far: engine_fast's attention kernels read "
+                             "K and V in the model dtype (use --engine torch, or "
+                             "--kv-cache-dtype auto)")
         self.config = config
         self.device = torch.device(config.device)
         self.model = FastLlama(weights, self.device, config.dtype)

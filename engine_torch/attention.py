@@ -1,4 +1,8 @@
-"""Reference attention over the paged KV cache, by gathering each sequence's blocks."""
+"""Reference attention over the paged KV cache, by gathering each sequence's blocks.
+
+The caches are model-dtype tensors or ``Int8KVCache``s: an int8 cache is written as codes and
+scales (``quantize_kv``) and read back dequantized, so attention itself never changes.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from twinfer.batch import AttentionMetadata
+from twinfer.kv_cache_memory import Int8KVCache, KVCache, dequantize_kv, quantize_kv
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: KVCache,
+                   v_cache: KVCache, slot_mapping: torch.Tensor) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] -> their slots in the caches
     [num_blocks, block_size, num_kv_heads, head_dim]."""
-    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
-    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        if isinstance(cache, Int8KVCache):
+            codes, scales = quantize_kv(x)
+            cache.codes.view(-1, *x.shape[1:])[slot_mapping] = codes
+            cache.scales.view(-1, x.shape[1])[slot_mapping] = scales
+        else:
+            cache.view(-1, *x.shape[1:])[slot_mapping] = x
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over all its cached keys.
@@ -38,7 +48,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for i, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.context_lens_cpu)):
         if q_len == 1:
             continue
-        k, v = _gather(k_cache, v_cache, meta.block_tables[i:i + 1], ctx)  # [1, ctx, Hkv, D]
+        k, v = _gather(k_cache, v_cache, meta.block_tables[i:i + 1], ctx, q.dtype)
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
         k_pos = torch.arange(ctx, device=q.device)[None, :]
         mask = k_pos <= q_pos  # [q_len, ctx]
@@ -49,13 +59,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                       meta: AttentionMetadata, seqs: list[int], scale: float,
                       sliding_window: int | None) -> torch.Tensor:
     """q: [B, H, D], one query per sequence at position ctx - 1."""
     ctx_lens = [meta.context_lens_cpu[i] for i in seqs]
     max_ctx = max(ctx_lens)
-    k, v = _gather(k_cache, v_cache, meta.block_tables[seqs], max_ctx)  # [B, max_ctx, Hkv, D]
+    k, v = _gather(k_cache, v_cache, meta.block_tables[seqs], max_ctx, q.dtype)
     ctx = torch.tensor(ctx_lens, device=q.device)[:, None]
     k_pos = torch.arange(max_ctx, device=q.device)[None, :]
     mask = k_pos < ctx  # [B, max_ctx]: padding beyond each context is masked out
@@ -64,12 +74,19 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return _sdpa(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
 
 
-def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first num_tokens cached K and V of each table: [B, num_tokens, Hkv, D]."""
+def _gather(k_cache: KVCache, v_cache: KVCache, block_tables: torch.Tensor, num_tokens: int,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first num_tokens cached K and V of each table: [B, num_tokens, Hkv, D] in dtype."""
     blocks = block_tables[:, : -(-num_tokens // k_cache.shape[1])].long()
-    return (k_cache[blocks].flatten(1, 2)[:, :num_tokens],
-            v_cache[blocks].flatten(1, 2)[:, :num_tokens])
+
+    def read(cache: KVCache) -> torch.Tensor:
+        if isinstance(cache, Int8KVCache):
+            x = dequantize_kv(cache.codes[blocks], cache.scales[blocks], dtype)
+        else:
+            x = cache[blocks]
+        return x.flatten(1, 2)[:, :num_tokens]
+
+    return read(k_cache), read(v_cache)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from engine_torch.attention import paged_attention, write_kv_cache
 from engine_torch.layers import (
     Linear,
-        apply_rotary,
+    apply_rotary,
     make_linear,
     rms_norm,
     rope_inv_freq,
     rotary_cos_sin,
 )
 from twinfer.batch import AttentionMetadata
+from twinfer.kv_cache_memory import KVCache
 from twinfer.weights import ModelWeights
 
 
@@ -82,7 +83,7 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(cfg).to(device)
 
     def forward(self, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[tuple[KVCache, KVCache]]) -> torch.Tensor:
         """Final hidden states [T, hidden]; writes this step's K/V into ``kv_caches``."""
         eps = self.config.rms_norm_eps
         x = self.embed_tokens[meta.input_ids]  # [T, hidden]
@@ -95,8 +96,8 @@ class LlamaModel:
         return rms_norm(x, self.norm, eps)
 
     def attention(self, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor) -> torch.Tensor:
+                  sin: torch.Tensor, meta: AttentionMetadata, k_cache: KVCache,
+                  v_cache: KVCache) -> torch.Tensor:
         cfg = self.config
         T, D = h.shape[0], cfg.head_dim
         q = layer.q_proj(h).view(T, cfg.num_heads, D)

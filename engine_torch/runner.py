@@ -7,7 +7,7 @@ import torch
 from engine_torch.model import LlamaModel
 from twinfer.batch import DeviceTokens, ScheduledBatch, build_attention_metadata
 from twinfer.config import EngineConfig
-from twinfer.kv_cache_memory import allocate_kv_caches
+from twinfer.kv_cache_memory import KVCache, allocate_kv_caches
 from twinfer.weights import ModelWeights
 
 
@@ -18,13 +18,13 @@ class TorchRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.model = LlamaModel(weights, self.device, config.dtype)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[tuple[KVCache, KVCache]] = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Allocate K and V caches of ``num_blocks`` blocks for every layer."""
         self.kv_caches = allocate_kv_caches(self.config.model, num_blocks,
                                             self.config.cache.block_size, self.config.dtype,
-                                            self.device)
+                                            self.device, self.config.cache.kv_cache_dtype)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch,

@@ -143,7 +143,8 @@ def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
                    decode_tokens: list[list[int]] | None = None,
                    dtype=torch.float32, device: str = "cpu",
                    engine: str = "torch", fuse_one_row: bool | None = None,
-                   fuse_gemv_inputs: bool | None = None) -> list[torch.Tensor]:
+                   fuse_gemv_inputs: bool | None = None,
+                   kv_cache_dtype: str = "auto") -> list[torch.Tensor]:
     """Run prompts (then forced decode tokens) through the real Scheduler and the ``engine``'s
     runner with ``max_num_batched_tokens=chunk``; return each sequence's logits at every
     position. ``fuse_one_row``: engine_fast's fused one-row decode step on or off (default:
@@ -152,7 +153,8 @@ def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
     from twinfer.registry import create_runner
 
     weights = _cached_weights(Path(model_path))
-    cfg = EngineConfig(model=weights.config, cache=CacheConfig(num_kv_blocks=256),
+    cfg = EngineConfig(model=weights.config,
+                       cache=CacheConfig(num_kv_blocks=256, kv_cache_dtype=kv_cache_dtype),
                        scheduler=SchedulerConfig(max_num_batched_tokens=chunk,
                                                  max_model_len=1024),
                        dtype=dtype, device=device, engine=engine)

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     kld = sub.add_parser("kld", help="KL divergence of MODEL from a base model, per token")
     _add_engine_args(kld)
     kld.add_argument("--base", required=True, help="the unquantized model to compare with "
-                     "(same tokenizer); loaded with the same engine flags")
+                     "(same tokenizer); loaded with the same engine flags, its KV cache "
+                     "in the model dtype (so --kv-cache-dtype int8 measures that cache's "
+                     "damage)")
     _add_text_args(kld)
     tasks = sub.add_parser("tasks", help="multiple-choice log-likelihood accuracy")
     _add_engine_args(tasks)
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_llm(args: argparse.Namespace, model: str, max_model_len: int | None):
+def _make_llm(args: argparse.Namespace, model: str, max_model_len: int | None,
+              **overrides):
     """An LLM whose KV cache holds what evaluation needs, so two fit on one GPU (kld)."""
     from twinfer.llm import LLM
 
@@ -72,7 +75,7 @@ def _make_llm(args: argparse.Namespace, model: str, max_model_len: int | None):
         # one request up to max_len in flight + a batch of packed ones + partial blocks
         num_blocks = -(-max_len // 16) + -(-batch_tokens // 16) + args.max_num_seqs
     return LLM(model, **{**_llm_kwargs(args), "max_model_len": max_len,
-                         "num_kv_blocks": num_blocks})
+                         "num_kv_blocks": num_blocks, **overrides})
 
 
 def _run_ppl(args: argparse.Namespace) -> dict:
@@ -94,7 +97,7 @@ def _run_kld(args: argparse.Namespace) -> dict:
 
     text = load_text(args.data)
     llm = _make_llm(args, args.model, args.ctx)
-    base = _make_llm(args, args.base, args.ctx)
+    base = _make_llm(args, args.base, args.ctx, kv_cache_dtype="auto")
     r = kl_divergence(llm, base, text, args.ctx, args.max_windows,
                       progress=not args.no_progress)
     _print_rows([("model", args.model), ("base", args.base), ("data", args.data),

@@ -149,6 +149,9 @@ class ModelConfig:
         )
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: block size and how many blocks (explicit, or from a memory budget)."""
@@ -158,6 +161,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # fraction of device memory for weights + KV on CUDA
     cpu_kv_cache_bytes: int = 1 << 30  # KV budget on CPU (zeroing it costs ~1.5 s per GiB)
     enable_prefix_caching: bool = True
+    # "auto": K and V in the model dtype; "int8": int8 codes with one float32 scale per
+    # token and KV head (twinfer.kv_cache_memory), about half the bytes of fp16.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -168,6 +174,9 @@ class CacheConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.cpu_kv_cache_bytes <= 0:
             raise ValueError("cpu_kv_cache_bytes must be positive")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ class LLM:
         async_scheduling: schedule step n + 1 while step n runs on the device (default: on
             for CUDA, where it hides the host's per-step work; off on CPU, where there is
             nothing to overlap).
+        kv_cache_dtype: "auto" keeps K and V in the model dtype; "int8" stores them as int8
+            with one scale per token and KV head (about half the memory of fp16, so about
+            twice the tokens in the same budget; engine_torch only so far).
     """
 
     def __init__(self, model: str | Path, engine: str = "auto", dtype: str = "auto",
@@ -50,7 +53,7 @@ class LLM:
                  block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 1 << 30, download_dir: str | Path | None = None,
                  load_format: str = "auto", quantization: str | None = None,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto"):
         home = Path(download_dir) if download_dir else twinfer_home()
         device = resolve_device(device)
         engine = resolve_engine(engine, device)
@@ -77,7 +80,8 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                               gpu_memory_utilization=gpu_memory_utilization,
                               cpu_kv_cache_bytes=cpu_kv_cache_bytes,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens or max(2048, max_num_seqs),
