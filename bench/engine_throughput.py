@@ -26,7 +26,8 @@ from twinfer.sampling import SamplingParams
 
 def serving_throughput(requests: int = 100, input_len: int = 1024, output_len: int = 1024,
                        layers: int = 32, engine: str = "fast", async_scheduling: bool = True,
-                       temperature: float = 0.0, top_p: float = 1.0) -> dict:
+                       temperature: float = 0.0, top_p: float = 1.0,
+                       kv_cache_dtype: str = "auto") -> dict:
     """Runs the benchmark once; returns output tokens, seconds, output and total tokens/s, and
     engine steps."""
     weights = dummy_weights(llama31_8b_config(layers), torch.float16, "cuda")
@@ -34,7 +35,8 @@ def serving_throughput(requests: int = 100, input_len: int = 1024, output_len: i
     total = input_len + output_len
     blocks = requests * -(-total // 16) + 16
     config = EngineConfig(model=cfg, cache=CacheConfig(num_kv_blocks=blocks,
-                                                       enable_prefix_caching=False),
+                                                       enable_prefix_caching=False,
+                                                       kv_cache_dtype=kv_cache_dtype),
                           scheduler=SchedulerConfig(max_num_seqs=requests,
                                                     max_num_batched_tokens=8192,
                                                     max_model_len=total + 16),

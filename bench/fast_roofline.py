@@ -2,7 +2,7 @@
 the same run (CUDA only).
 
     python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024]
-        [--no-hf] [--no-serving]
+        [--no-hf] [--no-serving] [--kv-cache-dtype auto|int8]
 
 Counts first: a decode step reads every weight byte once (linears + lm_head) plus each
 sequence's K/V, so tokens/s <= bandwidth / bytes per step x batch. Prefill of T tokens costs
@@ -10,7 +10,10 @@ sequence's K/V, so tokens/s <= bandwidth / bytes per step x batch. Prefill of T 
 process: the decode batches up to 64 and the prefill through transformers' ``generate``
 (bench/hf_generate.py; ``--no-hf`` skips), and the serving-style run of
 bench/engine_throughput.py (100 requests of 1,024 in and 1,024 out; ``--no-serving`` skips).
-The last table sets each figure against engine_fast's targets (issue #3).
+The last table sets each figure against engine_fast's targets (issue #3). With
+``--kv-cache-dtype int8`` the engine and the attention kernel read an int8 cache (codes plus a
+float32 scale per token and head: (D + 4) / 2D of fp16's KV bytes), and the roofline counts
+those bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 from twinfer.batch import ScheduledBatch
 from twinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from twinfer.dummy import SHAPE_PRESETS, dummy_weights
+from twinfer.kv_cache_memory import Int8KVCache, kv_block_bytes, quantize_kv
 from twinfer_kernels.decode_attention import decode_attention
 
 
@@ -80,7 +84,9 @@ def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: flo
     weights = dummy_weights(llama31_8b_config(args.layers), dtype, "cuda")
     cfg = weights.config
     max_blocks = max(batches) * -(-args.context // bs) + 1
-    config = EngineConfig(model=cfg, cache=CacheConfig(block_size=bs, num_kv_blocks=max_blocks),
+    kv_dtype = args.kv_cache_dtype
+    config = EngineConfig(model=cfg, cache=CacheConfig(block_size=bs, num_kv_blocks=max_blocks,
+                                                       kv_cache_dtype=kv_dtype),
                           scheduler=SchedulerConfig(max_num_seqs=max(batches),
                                                     max_model_len=max(args.context, args.prefill)),
                           engine="fast", device="cuda", dtype=dtype)
@@ -94,7 +100,7 @@ def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: flo
                        for t in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
                                  layer.down_proj))
     head_bytes = m.lm_head.numel() * m.lm_head.element_size()
-    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    kv_bytes_per_token = kv_block_bytes(cfg, bs, dtype, kv_dtype) // bs
     rows = []
     for n in batches:
         batch = decode_batch(n, args.context, bs)
@@ -119,13 +125,16 @@ def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: flo
     blocks = n * ctx // bs
     kc = torch.randn(blocks, bs, cfg.num_kv_heads, cfg.head_dim, device="cuda", dtype=dtype)
     vc = torch.randn_like(kc)
+    kv = 2 * kc.numel() * kc.element_size()
+    if kv_dtype == "int8":
+        kc, vc = (Int8KVCache(*quantize_kv(c)) for c in (kc, vc))
+        kv = 2 * (kc.codes.nbytes + kc.scales.nbytes)
     q = torch.randn(n, cfg.num_heads, cfg.head_dim, device="cuda", dtype=dtype)
     tables = torch.arange(blocks, dtype=torch.int32, device="cuda").view(n, ctx // bs)
     lens = torch.full((n,), ctx, dtype=torch.int32, device="cuda")
     splits = runner._num_splits(n)
     ms = triton.testing.do_bench(lambda: decode_attention(q, kc, vc, tables, lens,
                                                           cfg.head_dim ** -0.5, splits))
-    kv = 2 * kc.numel() * kc.element_size()
     rows.append({"what": f"decode attention kernel, batch {n} x context {ctx}", "ms": ms,
                  "GB/s": kv / ms / 1e6, "fraction": kv / (ms * 1e-3) / bw})
 
@@ -139,6 +148,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                    help="int8: the engine and the attention kernel read an int8 KV cache")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                     help="also time transformers' generate")
     ap.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
@@ -151,7 +162,8 @@ def main() -> None:
     torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()}  date: {datetime.date.today()}  "
           f"layers: {cfg.num_layers}  copy bandwidth: {bw / 1e12:.2f} TB/s  "
-          f"fp16 matmul: {mm / 1e12:.0f} TFLOP/s  weights: {weight_bytes / 1e9:.2f} GB")
+          f"fp16 matmul: {mm / 1e12:.0f} TFLOP/s  weights: {weight_bytes / 1e9:.2f} GB  "
+          f"KV cache: {args.kv_cache_dtype}")
     print("| measurement | ms | rate | roofline fraction |")
     print("|---|---:|---:|---:|")
     for r in rows:
@@ -174,7 +186,7 @@ def main() -> None:
     if args.serving:
         from bench.engine_throughput import serving_throughput
 
-        r = serving_throughput(layers=args.layers)
+        r = serving_throughput(layers=args.layers, kv_cache_dtype=args.kv_cache_dtype)
         rows.append({"what": "serving 100 x (1024 in, 1024 out)", "ms": r["seconds"] * 1e3,
                      **r})
         print("| serving 100 x (1024 in, 1024 out) | output tokens | s | output tok/s | "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from engine_fast.linear import FastLinear, build_fast_linear
 from engine_torch.layers import rope_inv_freq
 from twinfer.batch import AttentionMetadata
+from twinfer.kv_cache_memory import KVCache
 from twinfer.weights import ModelWeights
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
@@ -109,7 +110,7 @@ class FastLlama:
         # rather than from a quantize kernel of their own (off: for A/B measurements).
         self.int8_from_norms = True
 
-    def forward(self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def forward(self, meta: AttentionMetadata, kv_caches: list[tuple[KVCache, KVCache]],
                 decode_only: bool, num_splits: int = 1) -> torch.Tensor:
         """Final hidden states [T, hidden]. ``decode_only``: every sequence has one query, so
         the decode kernel runs (and nothing reads host-side lengths: CUDA-graph safe)."""
@@ -166,7 +167,7 @@ class FastLlama:
         return silu_and_mul(gate_up)
 
     def _forward_one_row(self, meta: AttentionMetadata,
-                         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                         kv_caches: list[tuple[KVCache, KVCache]],
                          num_splits: int) -> torch.Tensor:
         """forward() for one decode row: h is the residual stream; the o and down GEMVs add
         the residual to their output; with ``fuse_gemv_inputs`` the qkv and gate/up GEMVs

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from engine_fast.model import FastLlama
 from twinfer.batch import AttentionMetadata, DeviceTokens, ScheduledBatch, build_attention_metadata
 from twinfer.config import EngineConfig
-from twinfer.kv_cache_memory import allocate_kv_caches
+from twinfer.kv_cache_memory import KVCache, allocate_kv_caches
 from twinfer.weights import ModelWeights
 
 _GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448,
@@ -33,15 +33,10 @@ class FastRunner:
     """Runs ScheduledBatches through FastLlama; CUDA graphs for decode on CUDA."""
 
     def __init__(self, config: EngineConfig, weights: ModelWeights, use_cuda_graphs: bool = True):
-        if config.cache.kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype!r} is served by "
-                             "engine 'torch' only so far: engine_fast's attention kernels read "
-                             "K and V in the model dtype (use --engine torch, or "
-                             "--kv-cache-dtype auto)")
         self.config = config
         self.device = torch.device(config.device)
         self.model = FastLlama(weights, self.device, config.dtype)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[tuple[KVCache, KVCache]] = []
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[int, _DecodeGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
@@ -55,7 +50,7 @@ class FastRunner:
         """Allocate the caches, then (on CUDA) capture the decode graphs that read them."""
         self.kv_caches = allocate_kv_caches(self.config.model, num_blocks,
                                             self.config.cache.block_size, self.config.dtype,
-                                            self.device)
+                                            self.device, self.config.cache.kv_cache_dtype)
         if self.use_cuda_graphs and self._decode_kernel_ok:
             self.capture_cuda_graphs()
 

@@ -43,7 +43,7 @@ class LLM:
             nothing to overlap).
         kv_cache_dtype: "auto" keeps K and V in the model dtype; "int8" stores them as int8
             with one scale per token and KV head (about half the memory of fp16, so about
-            twice the tokens in the same budget; engine_torch only so far).
+            twice the tokens in the same budget; both engines).
     """
 
     def __init__(self, model: str | Path, engine: str = "auto", dtype: str = "auto",

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from twinfer.kv_cache_memory import KVCache
+from twinfer_kernels.kv_int8 import cache_tensors, load_kv_rows, store_kv_row
 from twinfer_kernels.pdl import launch_options
 
 
@@ -70,7 +72,7 @@ def _precision(dtype: torch.dtype) -> str:
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     part_o_ptr, part_lse_ptr, out_ptr, out_cols_ptr, scale,
-    k_new_ptr, v_new_ptr, positions_ptr, inv_freq_ptr, slot_ptr,
+    k_new_ptr, v_new_ptr, positions_ptr, inv_freq_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -80,6 +82,7 @@ def _decode_attention_kernel(
     NEW_KV: tl.constexpr, PDL: tl.constexpr, OUT_COLS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):
     if PDL:  # see twinfer_kernels/dense_gemv.py: nothing here is independent of the kernel before
         gdc_wait()
@@ -104,13 +107,13 @@ def _decode_attention_kernel(
         if (slot >= 0) & (start <= ctx - 1) & (ctx - 1 < end):  # this slice holds the new token
             k_new = _rotated(k_new_ptr + b * stride_knb + kvh * stride_knh, pos, inv_freq_ptr,
                              d, d < HEAD_DIM, HEAD_DIM)
-            v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d)
+            v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d).to(tl.float32)
             blk = slot // BLOCK_SIZE
             off = slot % BLOCK_SIZE
-            tl.store(k_cache_ptr + blk * stride_kb + off * stride_ks + kvh * stride_kh + d,
-                     k_new.to(k_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + blk * stride_vb + off * stride_vs + kvh * stride_vh + d,
-                     v_new)
+            store_kv_row(k_cache_ptr, k_scale_ptr, blk * stride_kb + off * stride_ks
+                         + kvh * stride_kh, d, k_new, KV_INT8, HEAD_DIM)
+            store_kv_row(v_cache_ptr, v_scale_ptr, blk * stride_vb + off * stride_vs
+                         + kvh * stride_vh, d, v_new, KV_INT8, HEAD_DIM)
         # The stores must be visible to the whole program before it reads its slice.
         tl.debug_barrier()
     else:
@@ -124,16 +127,16 @@ def _decode_attention_kernel(
         nmask = n < end
         block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
         off = n % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks
-                    + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
+        k = load_kv_rows(k_cache_ptr, k_scale_ptr, block, off, kvh, stride_kb, stride_ks,
+                         stride_kh, d, nmask, HEAD_DIM, KV_INT8).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs
-                    + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
+        v = load_kv_rows(v_cache_ptr, v_scale_ptr, block, off, kvh, stride_vb, stride_vs,
+                         stride_vh, d, nmask, HEAD_DIM, KV_INT8).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -180,7 +183,7 @@ def _combine_splits_kernel(
     tl.store(out_ptr + b * stride_outb + cols, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int = 1, block_n: int = 64,
                      new_kv: NewKV | None = None, pdl: bool = False,
@@ -192,8 +195,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``pdl``: programmatic dependent launches (CUDA, sm_90+; see twinfer_kernels/dense_gemv.py).
     ``out_cols`` [H * D] int32: the column of each (head, d) in the output's rows, viewed as
     [B, H * D] (act-order o_proj: the inverse of its input permutation, so that it needs no
-    gather); None keeps the natural order."""
+    gather); None keeps the natural order. Int8 caches (``Int8KVCache``) are read dequantized
+    and the new token is stored quantized."""
     B, H, D = q.shape
+    k_cache, k_scales, kv_int8 = cache_tensors(k_cache, D)
+    v_cache, v_scales, _ = cache_tensors(v_cache, D)
     _, block_size, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
         raise ValueError(f"cache shape {tuple(k_cache.shape)} does not match q head_dim {D}")
@@ -220,6 +226,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
         out_cols if out_cols is not None else out, scale, kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,
+        k_scales, v_scales,
         q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0),
         kv.v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -229,7 +236,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse.stride(0), part_lse.stride(1), out.stride(0),
         NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, **launch,
+        NUM_SPLITS=num_splits, KV_INT8=kv_int8, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](
