@@ -31,7 +31,6 @@ import time
 import torch
 
 from bench.report import environment, fmt, markdown_table, write_json
-from twinfer.kv_cache_memory import Int8KVCache
 
 
 def add_offline_args(p: argparse.ArgumentParser) -> None:
@@ -207,7 +206,7 @@ def kv_bytes_per_token(engine) -> float:
     """K and V bytes one token position takes across all layers, from the allocated cache."""
     caches = engine.runner.kv_caches
     tensors = [t for pair in caches for c in pair
-               for t in ((c.codes, c.scales) if isinstance(c, Int8KVCache) else (c,))]
+               for t in ((c,) if isinstance(c, torch.Tensor) else c.tensors())]
     total = sum(t.numel() * t.element_size() for t in tensors)
     return total / (engine.block_manager.num_blocks * engine.config.cache.block_size)
 

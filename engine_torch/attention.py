@@ -1,7 +1,7 @@
 """Reference attention over the paged KV cache, by gathering each sequence's blocks.
 
-The caches are model-dtype tensors or ``Int8KVCache``s: an int8 cache is written as codes and
-scales (``quantize_kv``) and read back dequantized, so attention itself never changes.
+The caches are model-dtype tensors or quantized ones (``Int8KVCache``, ``Int4KVCache``), which
+quantize what is stored into them and give it back dequantized, so attention never changes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from twinfer.batch import AttentionMetadata
-from twinfer.kv_cache_memory import Int8KVCache, KVCache, dequantize_kv, quantize_kv
+from twinfer.kv_cache_memory import KVCache
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: KVCache,
@@ -18,12 +18,10 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: KVCache,
     """k, v: [num_tokens, num_kv_heads, head_dim] -> their slots in the caches
     [num_blocks, block_size, num_kv_heads, head_dim]."""
     for x, cache in ((k, k_cache), (v, v_cache)):
-        if isinstance(cache, Int8KVCache):
-            codes, scales = quantize_kv(x)
-            cache.codes.view(-1, *x.shape[1:])[slot_mapping] = codes
-            cache.scales.view(-1, x.shape[1])[slot_mapping] = scales
-        else:
+        if isinstance(cache, torch.Tensor):
             cache.view(-1, *x.shape[1:])[slot_mapping] = x
+        else:
+            cache.store(slot_mapping, x)
 
 
 def paged_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
@@ -80,10 +78,7 @@ def _gather(k_cache: KVCache, v_cache: KVCache, block_tables: torch.Tensor, num_
     blocks = block_tables[:, : -(-num_tokens // k_cache.shape[1])].long()
 
     def read(cache: KVCache) -> torch.Tensor:
-        if isinstance(cache, Int8KVCache):
-            x = dequantize_kv(cache.codes[blocks], cache.scales[blocks], dtype)
-        else:
-            x = cache[blocks]
+        x = cache[blocks] if isinstance(cache, torch.Tensor) else cache.gather(blocks, dtype)
         return x.flatten(1, 2)[:, :num_tokens]
 
     return read(k_cache), read(v_cache)

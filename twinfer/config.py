@@ -149,7 +149,7 @@ class ModelConfig:
         )
 
 
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,8 @@ class CacheConfig:
     cpu_kv_cache_bytes: int = 1 << 30  # KV budget on CPU (zeroing it costs ~1.5 s per GiB)
     enable_prefix_caching: bool = True
     # "auto": K and V in the model dtype; "int8": int8 codes with one float32 scale per
-    # token and KV head (twinfer.kv_cache_memory), about half the bytes of fp16.
+    # token and KV head (twinfer.kv_cache_memory), about half the bytes of fp16; "int4": two
+    # 4-bit codes a byte with a float32 scale and minimum per token and head, about 0.3.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:

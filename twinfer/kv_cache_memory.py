@@ -3,12 +3,23 @@
 Layout, per layer: K and V each ``[num_blocks, block_size, num_kv_heads, head_dim]`` in the
 model dtype. A block holds ``block_size`` consecutive positions of one sequence.
 
-With ``kv_cache_dtype="int8"`` each of K and V is an ``Int8KVCache``: the same layout in int8
-codes plus one float32 scale per (slot, KV head), symmetric (LMDeploy's int8 KV also keeps a
-zero point per token and head; without one SmolLM2's WikiText-2 perplexity moves by 0.1%,
-bench/RESULTS.md). Per token and head, because a key's magnitude varies by orders of
-magnitude across heads and positions (the attention sink), which one scale per tensor would
-not survive. The kernels' side is twinfer_kernels/kv_int8.py.
+Quantized caches keep that layout for their codes, one row of codes per (slot, KV head), with
+float32 parameters per row: per token and head, because a key's magnitude varies by orders
+of magnitude across heads and positions (the attention sink), which one scale per tensor
+would not survive.
+- ``kv_cache_dtype="int8"``: ``Int8KVCache``, int8 codes and a symmetric scale (LMDeploy's
+  int8 KV also keeps a zero point; without one SmolLM2's WikiText-2 perplexity moves by 0.1%,
+  bench/RESULTS.md).
+- ``kv_cache_dtype="int4"``: ``Int4KVCache``, 4-bit codes over each row's [min, max] (at 16
+  levels a zero point matters), two a byte: byte j of a row holds dimension j in its low
+  nibble and j + D/2 in its high one (the rotary halves, so a kernel that rotates a key holds
+  both codes of a byte in one lane). Keys are stored in a Hadamard basis (k H, H the
+  orthonormal Sylvester matrix of size head_dim, as QuaRot does): a few key channels carry
+  most of the magnitude, which one 4-bit scale per row cannot resolve, and H spreads them
+  over the row. q k^T = (q H)(k H)^T, so the kernels rotate q instead of un-rotating keys;
+  engine_torch's ``gather`` returns k itself. SmolLM2, 2 windows of 512: keys in int4 cost
+  +11.9% perplexity unrotated, +3.0% rotated; values +1.0% either way (bench/RESULTS.md).
+The kernels' side is twinfer_kernels/quantized_kv.py.
 """
 
 from __future__ import annotations
@@ -22,22 +33,7 @@ from twinfer.config import CacheConfig, ModelConfig
 # Memory kept back on CUDA for activations and the allocator's slack, beyond the KV cache.
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 _INT8_MAX = 127.0
-
-
-@dataclass
-class Int8KVCache:
-    """One layer's K (or V) cache in int8: ``codes`` [num_blocks, block_size, Hkv, D] int8 and
-    ``scales`` [num_blocks, block_size, Hkv] float32; a cached vector is codes * scale."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-
-KVCache = torch.Tensor | Int8KVCache
+_INT4_MAX = 15.0
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +50,114 @@ def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype)
     return (codes.float() * scales[..., None]).to(dtype)
 
 
+def hadamard(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The orthonormal n x n Sylvester Hadamard matrix (n a power of two), float32: entry
+    (i, j) is (-1)^popcount(i & j) / sqrt(n), so it is its own inverse."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix needs a power-of-two size, got {n}")
+    i = torch.arange(n, device=device)
+    parity = torch.zeros(n, n, dtype=torch.int64, device=device)
+    bits = i[:, None] & i[None, :]
+    while bits.any():
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).float() / n ** 0.5
+
+
+def quantize_kv_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (packed uint8 [..., D/2], float32 scales [...], float32 minima [...]):
+    codes round((x - min) / s) in 0..15, s = (max - min) / 15 per vector, packed as the
+    module docstring says."""
+    x = x.float()
+    lo, hi = x.amin(-1), x.amax(-1)
+    scale = (hi - lo) / _INT4_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((x - lo[..., None]) / safe[..., None]).clamp(0, _INT4_MAX)
+    codes = codes.to(torch.uint8)
+    half = x.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4), scale, lo
+
+
+def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Packed 4-bit codes [..., D/2], scales and minima [...] -> values [..., D] in ``dtype``."""
+    codes = torch.cat([packed & 15, packed >> 4], -1).float()
+    return (codes * scales[..., None] + mins[..., None]).to(dtype)
+
+
+@dataclass
+class Int8KVCache:
+    """One layer's K (or V) cache in int8: ``codes`` [num_blocks, block_size, Hkv, D] int8 and
+    ``scales`` [num_blocks, block_size, Hkv] float32; a cached vector is codes * scale."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scales
+
+    def store(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize x [T, Hkv, D] into the rows of ``slots`` [T]."""
+        codes, scales = quantize_kv(x)
+        self.codes.view(-1, *codes.shape[1:])[slots] = codes
+        self.scales.view(-1, x.shape[1])[slots] = scales
+
+    def gather(self, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows of ``blocks`` [...], dequantized: [..., block_size, Hkv, D] in ``dtype``."""
+        return dequantize_kv(self.codes[blocks], self.scales[blocks], dtype)
+
+
+@dataclass
+class Int4KVCache:
+    """One layer's K (or V) cache in 4 bits: ``codes`` [num_blocks, block_size, Hkv, D/2] uint8
+    (two codes a byte), ``scales`` and ``mins`` [num_blocks, block_size, Hkv] float32; a cached
+    value is code * scale + min, of x H where ``rotated`` (keys; see the module docstring)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    rotated: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scales, self.mins
+
+    def store(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize x [T, Hkv, D] into the rows of ``slots`` [T]."""
+        if self.rotated:
+            x = x.float() @ hadamard(x.shape[-1], x.device)
+        packed, scales, mins = quantize_kv_int4(x)
+        self.codes.view(-1, *packed.shape[1:])[slots] = packed
+        self.scales.view(-1, x.shape[1])[slots] = scales
+        self.mins.view(-1, x.shape[1])[slots] = mins
+
+    def gather(self, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows of ``blocks`` [...], dequantized (and rotated back): [..., block_size, Hkv,
+        D] in ``dtype``."""
+        x = dequantize_kv_int4(self.codes[blocks], self.scales[blocks], self.mins[blocks],
+                               torch.float32)
+        if self.rotated:
+            x = x @ hadamard(x.shape[-1], x.device)  # H is its own inverse
+        return x.to(dtype)
+
+
+KVCache = torch.Tensor | Int8KVCache | Int4KVCache
+
+
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype,
                    kv_cache_dtype: str = "auto") -> int:
     """Bytes one block takes across all layers, K and V."""
     if kv_cache_dtype == "int8":
         per_head = model.head_dim + 4  # int8 codes, one float32 scale
+    elif kv_cache_dtype == "int4":
+        per_head = model.head_dim // 2 + 8  # two codes a byte, a float32 scale and minimum
     else:
         per_head = model.head_dim * torch.empty((), dtype=dtype).element_size()
     return 2 * model.num_layers * block_size * model.num_kv_heads * per_head
@@ -87,10 +186,15 @@ def allocate_kv_caches(model: ModelConfig, num_blocks: int, block_size: int,
     """Zeroed (K, V) cache pairs, one per layer."""
     shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
 
-    def one() -> KVCache:
+    def params() -> torch.Tensor:
+        return torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+
+    def one(keys: bool) -> KVCache:
         if kv_cache_dtype == "int8":
-            return Int8KVCache(torch.zeros(shape, dtype=torch.int8, device=device),
-                               torch.zeros(shape[:-1], dtype=torch.float32, device=device))
+            return Int8KVCache(torch.zeros(shape, dtype=torch.int8, device=device), params())
+        if kv_cache_dtype == "int4":
+            packed = torch.zeros(*shape[:-1], shape[-1] // 2, dtype=torch.uint8, device=device)
+            return Int4KVCache(packed, params(), params(), rotated=keys)
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    return [(one(), one()) for _ in range(model.num_layers)]
+    return [(one(keys=True), one(keys=False)) for _ in range(model.num_layers)]

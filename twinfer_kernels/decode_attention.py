@@ -24,8 +24,15 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from twinfer.kv_cache_memory import KVCache
-from twinfer_kernels.kv_int8 import cache_tensors, load_kv_rows, store_kv_row
 from twinfer_kernels.pdl import launch_options
+from twinfer_kernels.quantized_kv import (
+    cache_tensors,
+    hadamard_halves,
+    hadamard_rows,
+    load_kv_rows,
+    rotates_keys,
+    store_kv_halves,
+)
 
 
 @dataclass
@@ -72,7 +79,8 @@ def _precision(dtype: torch.dtype) -> str:
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     part_o_ptr, part_lse_ptr, out_ptr, out_cols_ptr, scale,
-    k_new_ptr, v_new_ptr, positions_ptr, inv_freq_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+    k_new_ptr, v_new_ptr, positions_ptr, inv_freq_ptr, slot_ptr,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
     stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -82,7 +90,7 @@ def _decode_attention_kernel(
     NEW_KV: tl.constexpr, PDL: tl.constexpr, OUT_COLS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KV_INT8: tl.constexpr,
+    KV_BITS: tl.constexpr, ROTATE_KEYS: tl.constexpr,
 ):
     if PDL:  # see twinfer_kernels/dense_gemv.py: nothing here is independent of the kernel before
         gdc_wait()
@@ -102,18 +110,43 @@ def _decode_attention_kernel(
     if NEW_KV:
         pos = tl.load(positions_ptr + b).to(tl.float32)
         q = _rotated(q_ptrs, pos, inv_freq_ptr, d[None, :], gmask[:, None], HEAD_DIM)
+        if ROTATE_KEYS:  # into the Hadamard basis the int4 keys live in
+            q = hadamard_rows(q.to(q_ptr.dtype.element_ty), HEAD_DIM, PRECISION)
         q = q.to(q_ptr.dtype.element_ty)
         slot = tl.load(slot_ptr + b)
         if (slot >= 0) & (start <= ctx - 1) & (ctx - 1 < end):  # this slice holds the new token
-            k_new = _rotated(k_new_ptr + b * stride_knb + kvh * stride_knh, pos, inv_freq_ptr,
-                             d, d < HEAD_DIM, HEAD_DIM)
-            v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d).to(tl.float32)
-            blk = slot // BLOCK_SIZE
-            off = slot % BLOCK_SIZE
-            store_kv_row(k_cache_ptr, k_scale_ptr, blk * stride_kb + off * stride_ks
-                         + kvh * stride_kh, d, k_new, KV_INT8, HEAD_DIM)
-            store_kv_row(v_cache_ptr, v_scale_ptr, blk * stride_vb + off * stride_vs
-                         + kvh * stride_vh, d, v_new, KV_INT8, HEAD_DIM)
+            if KV_BITS == 16:
+                k_new = _rotated(k_new_ptr + b * stride_knb + kvh * stride_knh, pos,
+                                 inv_freq_ptr, d, d < HEAD_DIM, HEAD_DIM)
+                v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d)
+                blk = slot // BLOCK_SIZE
+                off = slot % BLOCK_SIZE
+                tl.store(k_cache_ptr + blk * stride_kb + off * stride_ks + kvh * stride_kh + d,
+                         k_new.to(k_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + blk * stride_vb + off * stride_vs + kvh * stride_vh + d,
+                         v_new)
+            else:  # quantized rows are written from their rotary halves (quantized_kv.py)
+                HALF: tl.constexpr = HEAD_DIM // 2
+                i = tl.arange(0, HALF)
+                k_new_ptrs = k_new_ptr + b * stride_knb + kvh * stride_knh
+                v_new_ptrs = v_new_ptr + b * stride_vnb + kvh * stride_vnh
+                k_lo = _rotated(k_new_ptrs, pos, inv_freq_ptr, i, i < HALF, HEAD_DIM)
+                k_hi = _rotated(k_new_ptrs, pos, inv_freq_ptr, HALF + i, i < HALF, HEAD_DIM)
+                # rounded to the model dtype, as the rotary kernel's keys are
+                k_lo = k_lo.to(k_new_ptr.dtype.element_ty).to(tl.float32)
+                k_hi = k_hi.to(k_new_ptr.dtype.element_ty).to(tl.float32)
+                if ROTATE_KEYS:
+                    k_lo, k_hi = hadamard_halves(k_lo, k_hi, HALF)
+                v_lo = tl.load(v_new_ptrs + i).to(tl.float32)
+                v_hi = tl.load(v_new_ptrs + HALF + i).to(tl.float32)
+                blk = slot // BLOCK_SIZE
+                off = slot % BLOCK_SIZE
+                store_kv_halves(k_cache_ptr, k_scale_ptr, k_min_ptr,
+                                blk * stride_kb + off * stride_ks + kvh * stride_kh, i, k_lo,
+                                k_hi, KV_BITS, HALF)
+                store_kv_halves(v_cache_ptr, v_scale_ptr, v_min_ptr,
+                                blk * stride_vb + off * stride_vs + kvh * stride_vh, i, v_lo,
+                                v_hi, KV_BITS, HALF)
         # The stores must be visible to the whole program before it reads its slice.
         tl.debug_barrier()
     else:
@@ -127,16 +160,16 @@ def _decode_attention_kernel(
         nmask = n < end
         block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
         off = n % BLOCK_SIZE
-        k = load_kv_rows(k_cache_ptr, k_scale_ptr, block, off, kvh, stride_kb, stride_ks,
-                         stride_kh, d, nmask, HEAD_DIM, KV_INT8).to(q.dtype)
+        k = load_kv_rows(k_cache_ptr, k_scale_ptr, k_min_ptr, block, off, kvh, stride_kb,
+                         stride_ks, stride_kh, d, nmask, HEAD_DIM, KV_BITS).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_kv_rows(v_cache_ptr, v_scale_ptr, block, off, kvh, stride_vb, stride_vs,
-                         stride_vh, d, nmask, HEAD_DIM, KV_INT8).to(q.dtype)
+        v = load_kv_rows(v_cache_ptr, v_scale_ptr, v_min_ptr, block, off, kvh, stride_vb,
+                         stride_vs, stride_vh, d, nmask, HEAD_DIM, KV_BITS).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -195,13 +228,16 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
     ``pdl``: programmatic dependent launches (CUDA, sm_90+; see twinfer_kernels/dense_gemv.py).
     ``out_cols`` [H * D] int32: the column of each (head, d) in the output's rows, viewed as
     [B, H * D] (act-order o_proj: the inverse of its input permutation, so that it needs no
-    gather); None keeps the natural order. Int8 caches (``Int8KVCache``) are read dequantized
-    and the new token is stored quantized."""
+    gather); None keeps the natural order. Quantized caches (``Int8KVCache``, ``Int4KVCache``)
+    are read dequantized and the new token is stored quantized. Int4 keys kept in the Hadamard
+    basis (``Int4KVCache.rotated``) need q in that basis too: with ``new_kv`` the kernel rotates
+    it, without it q must come from ``rotary_and_write_kv`` (which rotates it)."""
     B, H, D = q.shape
-    k_cache, k_scales, kv_int8 = cache_tensors(k_cache, D)
-    v_cache, v_scales, _ = cache_tensors(v_cache, D)
+    rotate = rotates_keys(k_cache, v_cache)
+    k_cache, k_scales, k_mins, kv_bits = cache_tensors(k_cache, D)
+    v_cache, v_scales, v_mins, _ = cache_tensors(v_cache, D)
     _, block_size, Hkv, Dk = k_cache.shape
-    if Dk != D or v_cache.shape != k_cache.shape:
+    if Dk != (D // 2 if kv_bits == 4 else D) or v_cache.shape != k_cache.shape:
         raise ValueError(f"cache shape {tuple(k_cache.shape)} does not match q head_dim {D}")
     if H % Hkv:
         raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
@@ -226,7 +262,7 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
     _decode_attention_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
         out_cols if out_cols is not None else out, scale, kv.k, kv.v, kv.positions, kv.inv_freq, kv.slot_mapping,
-        k_scales, v_scales,
+        k_scales, v_scales, k_mins, v_mins,
         q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0),
         kv.v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -236,7 +272,7 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         part_lse.stride(0), part_lse.stride(1), out.stride(0),
         NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, KV_INT8=kv_int8, **launch,
+        NUM_SPLITS=num_splits, KV_BITS=kv_bits, ROTATE_KEYS=rotate, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](

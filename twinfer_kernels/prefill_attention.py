@@ -16,14 +16,14 @@ import triton.language as tl
 from twinfer.device_copy import to_device_async
 from twinfer.kv_cache_memory import KVCache
 from twinfer_kernels.decode_attention import _check_out_cols, _out_cols, _precision
-from twinfer_kernels.kv_int8 import cache_tensors, load_kv_rows
+from twinfer_kernels.quantized_kv import cache_tensors, load_kv_rows
 
 BLOCK_M = 64  # query rows per tile (make_tiles and the kernel must agree)
 
 
 @triton.jit
 def _load_keys(ptrs, mask, MASKED: tl.constexpr):
-    """tl.load of rows (block-table entries); zeros where ``mask`` is off, checked only in MASKED tiles."""
+    """tl.load of rows; zeros where ``mask`` is off, checked only in MASKED tiles."""
     if MASKED:
         x = tl.load(ptrs, mask=mask, other=0)
     else:
@@ -33,10 +33,10 @@ def _load_keys(ptrs, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-                 block_tables_ptr, b, kvh, pos, n_lo, n_hi, hi, sliding_window, qk_scale,
+                 k_min_ptr, v_min_ptr, block_tables_ptr, b, kvh, pos, n_lo, n_hi, hi, sliding_window, qk_scale,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, KV_INT8: tl.constexpr):
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, KV_BITS: tl.constexpr):
     """Online softmax over keys n_lo .. n_hi (BLOCK_N at a time). Without MASKED every key is
     visible to every query row of the tile (below its first position, no window), so the
     per-element causal mask and its bounds checks are skipped: most of a long prompt's work."""
@@ -46,8 +46,17 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
         nmask = n < hi
         kv_offs = n % BLOCK_SIZE
         block = _load_keys(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, nmask, MASKED)
-        k = load_kv_rows(k_cache_ptr, k_scale_ptr, block, kv_offs, kvh, stride_kb, stride_ks,
-                         stride_kh, d, nmask, HEAD_DIM, KV_INT8, MASKED).to(q.dtype)
+        if KV_BITS == 16:  # the loads as they were before quantized caches, instruction for
+            # instruction (the helper's order of address arithmetic compiles differently)
+            k_ptrs = (k_cache_ptr + block[:, None] * stride_kb + kv_offs[:, None] * stride_ks
+                      + kvh * stride_kh + d[None, :])
+            v_ptrs = (v_cache_ptr + block[:, None] * stride_vb + kv_offs[:, None] * stride_vs
+                      + kvh * stride_vh + d[None, :])
+            k = _load_keys(k_ptrs, nmask[:, None], MASKED)
+        else:
+            k = load_kv_rows(k_cache_ptr, k_scale_ptr, k_min_ptr, block, kv_offs, kvh,
+                             stride_kb, stride_ks, stride_kh, d, nmask, HEAD_DIM, KV_BITS,
+                             MASKED).to(q.dtype)
         # scores in log2 units: exp2 is one instruction, exp is exp2 plus a multiply
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
@@ -61,8 +70,12 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_kv_rows(v_cache_ptr, v_scale_ptr, block, kv_offs, kvh, stride_vb, stride_vs,
-                         stride_vh, d, nmask, HEAD_DIM, KV_INT8, MASKED).to(q.dtype)
+        if KV_BITS == 16:
+            v = _load_keys(v_ptrs, nmask[:, None], MASKED)
+        else:
+            v = load_kv_rows(v_cache_ptr, v_scale_ptr, v_min_ptr, block, kv_offs, kvh,
+                             stride_vb, stride_vs, stride_vh, d, nmask, HEAD_DIM, KV_BITS,
+                             MASKED).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -72,7 +85,7 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
 def _prefill_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, out_cols_ptr, block_tables_ptr, query_start_ptr,
     context_lens_ptr, tile_seq_ptr, tile_start_ptr, scale, sliding_window,
-    k_scale_ptr, v_scale_ptr,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -80,7 +93,7 @@ def _prefill_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    OUT_COLS: tl.constexpr, KV_INT8: tl.constexpr,
+    OUT_COLS: tl.constexpr, KV_BITS: tl.constexpr,
 ):
     # Tiles run last to first: make_tiles lists each sequence's tiles in query order, and the
     # later ones attend to more keys, so starting them first shortens the tail of the grid.
@@ -112,15 +125,17 @@ def _prefill_attention_kernel(
         lo = tl.maximum(first - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
         full = lo
     acc, l_i, m_i = _attend_keys(
-        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr,
+        v_min_ptr, block_tables_ptr,
         b, kvh, pos, lo, full, hi, sliding_window, qk_scale, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt, HEAD_DIM, PRECISION, BLOCK_SIZE, BLOCK_N,
-        False, KV_INT8)
+        False, KV_BITS)
     acc, l_i, m_i = _attend_keys(
-        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
+        acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr,
+        v_min_ptr, block_tables_ptr,
         b, kvh, pos, full, hi, hi, sliding_window, qk_scale, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt, HEAD_DIM, PRECISION, BLOCK_SIZE, BLOCK_N,
-        True, KV_INT8)
+        True, KV_BITS)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     cols = _out_cols(out_cols_ptr, h, d, d < HEAD_DIM, HEAD_DIM, OUT_COLS)
@@ -149,12 +164,13 @@ def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
     int32; context_lens [B] int32. Returns [T, H, D]; ``out_cols``: as decode_attention's;
     ``tiles``: ``make_tiles(query_lens, block_m)``, made here if not given. The default tile
     (64 x 64, 4 warps, 2 stages) was the fastest of ten at 2,048 and 8,192-token prompts on an
-    H200 (bench/RESULTS.md). Int8 caches (``Int8KVCache``) are read dequantized."""
+    H200 (bench/RESULTS.md). Quantized caches (``Int8KVCache``, ``Int4KVCache``) are read
+    dequantized."""
     T, H, D = q.shape
-    k_cache, k_scales, kv_int8 = cache_tensors(k_cache, D)
-    v_cache, v_scales, _ = cache_tensors(v_cache, D)
+    k_cache, k_scales, k_mins, kv_bits = cache_tensors(k_cache, D)
+    v_cache, v_scales, v_mins, _ = cache_tensors(v_cache, D)
     _, block_size, Hkv, Dk = k_cache.shape
-    if Dk != D or H % Hkv:
+    if Dk != (D // 2 if kv_bits == 4 else D) or H % Hkv:
         raise ValueError(f"q [{T}, {H}, {D}] does not fit caches {tuple(k_cache.shape)}")
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
@@ -172,13 +188,14 @@ def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
     _prefill_attention_kernel[(tiles.shape[1], H)](
         q, k_cache, v_cache, out, out_cols if out_cols is not None else out, block_tables, query_start_loc, context_lens,
         tile_seq, tile_start, scale, sliding_window or 0, k_scales, v_scales,
+        k_mins, v_mins,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0),
         block_tables.stride(0),
         GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None, KV_INT8=kv_int8,
+        BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None, KV_BITS=kv_bits,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
