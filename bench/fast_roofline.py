@@ -2,7 +2,7 @@
 the same run (CUDA only).
 
     python -m bench.fast_roofline [--layers 32] [--batches 1,64,256] [--context 1024]
-        [--no-hf] [--no-serving] [--kv-cache-dtype auto|int8|int4]
+        [--no-hf] [--no-serving] [--kv-cache-dtype auto|int8|int4|k8v4]
 
 Counts first: a decode step reads every weight byte once (linears + lm_head) plus each
 sequence's K/V, so tokens/s <= bandwidth / bytes per step x batch. Prefill of T tokens costs
@@ -11,7 +11,7 @@ process: the decode batches up to 64 and the prefill through transformers' ``gen
 (bench/hf_generate.py; ``--no-hf`` skips), and the serving-style run of
 bench/engine_throughput.py (100 requests of 1,024 in and 1,024 out; ``--no-serving`` skips).
 The last table sets each figure against engine_fast's targets (issue #3). With
-``--kv-cache-dtype int8|int4`` the engine and the attention kernel read a quantized cache
+``--kv-cache-dtype int8|int4|k8v4`` the engine and the attention kernel read a quantized cache
 (codes plus float32 parameters per token and head: (D + 4) / 2D or (D / 2 + 8) / 2D of fp16's
 KV bytes), and the roofline counts those bytes.
 """
@@ -133,14 +133,17 @@ def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: flo
     kc = torch.randn(blocks, bs, cfg.num_kv_heads, cfg.head_dim, device="cuda", dtype=dtype)
     vc = torch.randn_like(kc)
     kv = 2 * kc.numel() * kc.element_size()
+    if kv_dtype in ("int8", "k8v4"):
+        kc = Int8KVCache(*quantize_kv(kc))
     if kv_dtype == "int8":
-        kc, vc = (Int8KVCache(*quantize_kv(c)) for c in (kc, vc))
-    elif kv_dtype == "int4":  # keys in the Hadamard basis, as the engine keeps them
+        vc = Int8KVCache(*quantize_kv(vc))
+    if kv_dtype == "int4":  # keys in the Hadamard basis, as the engine keeps them
         kc = Int4KVCache(*quantize_kv_int4(kc.float() @ hadamard(cfg.head_dim, "cuda")),
                          rotated=True)
+    if kv_dtype in ("int4", "k8v4"):
         vc = Int4KVCache(*quantize_kv_int4(vc))
     if kv_dtype != "auto":
-        kv = 2 * sum(t.nbytes for t in kc.tensors())
+        kv = sum(t.nbytes for c in (kc, vc) for t in c.tensors())
     q = torch.randn(n, cfg.num_heads, cfg.head_dim, device="cuda", dtype=dtype)
     tables = torch.arange(blocks, dtype=torch.int32, device="cuda").view(n, ctx // bs)
     lens = torch.full((n,), ctx, dtype=torch.int32, device="cuda")
@@ -160,7 +163,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4"],
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "k8v4"],
                     help="the engine and the attention kernel read a quantized KV cache")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                     help="also time transformers' generate")

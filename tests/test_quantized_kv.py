@@ -34,7 +34,9 @@ from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
 PROMPTS = [[0, 5, 9, 33, 7, 100, 200, 3, 4, 8, 19, 40, 41, 42, 43, 44, 45, 46, 47, 48],
            [0, 17, 250, 11]]
-KINDS = ["int8", "int4"]
+KINDS = ["int8", "int4"]  # one cache's format
+# kv_cache_dtype -> (keys' format, values' format)
+PAIRS = {"int8": ("int8", "int8"), "int4": ("int4", "int4"), "k8v4": ("int8", "int4")}
 
 
 def quantized(x: torch.Tensor, kind: str, rotated: bool = False) -> Int8KVCache | Int4KVCache:
@@ -106,12 +108,12 @@ def test_constant_and_zero_vectors_come_back_exactly(kind):
     assert torch.equal(values(quantized(x, kind)), x)
 
 
-@pytest.mark.parametrize("kind,fraction", [("int8", 0.5), ("int4", 0.25)])
+@pytest.mark.parametrize("kind,fraction", [("int8", 0.5), ("int4", 0.25), ("k8v4", 0.375)])
 def test_quantized_block_takes_its_fraction_of_fp16_plus_row_parameters(tiny_model_factory,
                                                                          kind, fraction):
     cfg = load_weights(tiny_model_factory("llama")).config
     fp16 = kv_block_bytes(cfg, 16, torch.float16)
-    params = 4 if kind == "int8" else 8  # float32 scale (and minimum) per row
+    params = {"int8": 4, "int4": 8, "k8v4": 6}[kind]  # float32 scale (and minimum) per row
     rows = 2 * cfg.num_layers * 16 * cfg.num_kv_heads
     assert kv_block_bytes(cfg, 16, torch.float16, kind) == fp16 * fraction + rows * params
 
@@ -125,12 +127,12 @@ def test_quantized_caches_fit_more_blocks_in_the_same_budget(tiny_model_factory)
                                                         kv_cache_dtype=kv_dtype),
                                        torch.float32, "cpu")
 
-    for kind in KINDS:
+    for kind in PAIRS:
         assert blocks(kind) == budget // kv_block_bytes(cfg, 16, torch.float32, kind)
-    assert blocks("int4") > blocks("int8") > 3 * blocks("auto")
+    assert blocks("int4") > blocks("k8v4") > blocks("int8") > 3 * blocks("auto")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 def test_allocated_caches_take_the_bytes_the_budget_counts(tiny_model_factory, kind):
     cfg = load_weights(tiny_model_factory("llama")).config
     caches = allocate_kv_caches(cfg, 5, 16, torch.float16, "cpu", kind)
@@ -139,7 +141,7 @@ def test_allocated_caches_take_the_bytes_the_budget_counts(tiny_model_factory, k
 
 
 def test_unknown_kv_cache_dtype_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, int4.*fp8"):
+    with pytest.raises(ValueError, match="must be one of auto, int8, int4, k8v4, got 'fp8'"):
         CacheConfig(kv_cache_dtype="fp8")
 
 
@@ -175,7 +177,7 @@ def test_int4_keys_are_stored_in_the_hadamard_basis_and_read_back_in_their_own()
     assert err["rotated"] < 0.5 * err["plain"]  # the outlier no longer sets every step
 
 
-@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.15)])
+@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.15), ("k8v4", 0.1)])
 @pytest.mark.parametrize("chunk", [3, 64])  # chunked prefill reads keys it wrote earlier
 def test_engine_torch_with_a_quantized_cache_stays_close_to_the_model_dtype_cache(
         tiny_model_factory, kind, tol, chunk):
@@ -189,7 +191,7 @@ def test_engine_torch_with_a_quantized_cache_stays_close_to_the_model_dtype_cach
         assert (a - b).norm() <= tol * b.norm()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 def test_quantized_cache_returns_every_block_after_generation(tiny_model_factory, kind):
     llm = LLM(str(tiny_model_factory("llama")), engine="torch", dtype="float32",
               max_model_len=128, num_kv_blocks=32, kv_cache_dtype=kind)
@@ -204,27 +206,27 @@ def test_quantized_cache_returns_every_block_after_generation(tiny_model_factory
 
 
 def _pair(kind, num_blocks, block_size, hkv, d, seed):
-    """Random K and V caches of ``kind`` (values spanning 1e-2 .. 1e2 across heads, off
-    centre; int4 keys in the Hadamard basis, as the engines keep them) and the float32 caches
-    they stand for."""
+    """Random K and V caches of kv_cache_dtype ``kind`` (values spanning 1e-2 .. 1e2 across
+    heads, off centre; int4 keys in the Hadamard basis, as the engines keep them) and the
+    float32 caches they stand for."""
     g = torch.Generator().manual_seed(seed)
     mags = torch.logspace(-2, 2, hkv)[:, None]
     pair = []
-    for keys in (True, False):
+    for part, keys in zip(PAIRS[kind], (True, False)):
         x = (torch.randn(num_blocks, block_size, hkv, d, generator=g) + 0.5) * mags
-        pair.append(mapped(quantized(x, kind, rotated=keys and kind == "int4"),
+        pair.append(mapped(quantized(x, part, rotated=keys and part == "int4"),
                            lambda t: t.to(DEVICE)))
     return pair, [values(c) for c in pair]
 
 
 def _kernel_queries(q: torch.Tensor, kind: str) -> torch.Tensor:
     """q as the attention kernels take it: in the Hadamard basis when int4 keys are."""
-    if kind != "int4":
+    if PAIRS[kind][0] != "int4":
         return q
     return (q.float() @ hadamard(q.shape[-1], q.device)).to(q.dtype)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("group,head_dim", [(1, 32), (4, 64)])
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -244,7 +246,7 @@ def test_decode_attention_on_quantized_caches_equals_attention_on_their_values(
                                rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 @pytest.mark.parametrize("window", [0, 21])
 def test_prefill_attention_on_quantized_caches_equals_attention_on_their_values(kind, window):
     hkv, group, head_dim, block_size = 2, 2, 32, 16
@@ -274,7 +276,7 @@ def _assert_rows_quantize(cache, slots: torch.Tensor, expected: torch.Tensor):
     assert (got - codes(ref)).abs().max() <= 1
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 def test_rotary_and_write_kv_stores_codes_and_parameters(kind):
     from engine_torch.layers import apply_rotary, rotary_cos_sin
 
@@ -288,8 +290,9 @@ def test_rotary_and_write_kv_stores_codes_and_parameters(kind):
     inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).to(DEVICE)
     cos, sin = rotary_cos_sin(positions, inv_freq, torch.float32)
     k_rot = apply_rotary(k, cos, sin)
-    k_cache = empty_cache(kind, 4, 16, hkv, head_dim, fill=55, rotated=kind == "int4")
-    v_cache = empty_cache(kind, 4, 16, hkv, head_dim, fill=55)
+    k_kind, v_kind = PAIRS[kind]
+    k_cache = empty_cache(k_kind, 4, 16, hkv, head_dim, fill=55, rotated=k_kind == "int4")
+    v_cache = empty_cache(v_kind, 4, 16, hkv, head_dim, fill=55)
     q_rot = _kernel_queries(apply_rotary(q, cos, sin), kind)
     rotary_and_write_kv(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
     torch.testing.assert_close(q, q_rot, atol=1e-4, rtol=1e-4)  # in place, as attention wants it
@@ -303,7 +306,7 @@ def test_rotary_and_write_kv_stores_codes_and_parameters(kind):
         assert c.scales.view(64, -1)[untouched].isnan().all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_fused_decode_step_writes_the_rows_the_rotary_kernel_writes(kind, num_splits):
     hkv, group, head_dim, block_size = 2, 4, 32, 16
@@ -334,7 +337,7 @@ def test_fused_decode_step_writes_the_rows_the_rotary_kernel_writes(kind, num_sp
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0.1)  # a code step apart at most
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PAIRS))
 @pytest.mark.parametrize("chunk", [5, 64])
 def test_engine_fast_with_a_quantized_cache_computes_what_engine_torch_computes(
         tiny_model_factory, kind, chunk):
@@ -359,7 +362,8 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,max_ppl_ratio,min_same_top", [("int8", 1.01, 0.95),
-                                                             ("int4", 1.05, 0.85)])
+                                                             ("int4", 1.05, 0.85),
+                                                             ("k8v4", 1.02, 0.93)])
 def test_smollm2_quantized_kv_costs_little_perplexity(smollm2_path, tmp_path, kind,
                                                       max_ppl_ratio, min_same_top):
     # The real model on real text: the cache's damage measured as `twinfer eval kld` measures

@@ -28,9 +28,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights in MODEL's shapes (a preset such as "
                    "llama-3.1-8b, or a directory's config.json), to measure speed")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4"],
-                   help="int8 / int4: K and V quantized per token and head, about 0.52 / 0.28 "
-                   "of the fp16 KV memory (both engines)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "int4", "k8v4"],
+                   help="int8 / int4 / k8v4 (keys int8, values int4): K and V quantized per "
+                   "token and head, about 0.52 / 0.28 / 0.40 of the fp16 KV memory")
     p.add_argument("--quantization", default=None, metavar="SCHEME",
                    help="RTN-quantize a dense model while loading: w4a16, w4a16-g64, "
                    "w4a16-g128-sym, w8a16, w8a8")

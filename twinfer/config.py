@@ -149,7 +149,7 @@ class ModelConfig:
         )
 
 
-KV_CACHE_DTYPES = ("auto", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "k8v4")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # "auto": K and V in the model dtype; "int8": int8 codes with one float32 scale per
     # token and KV head (twinfer.kv_cache_memory), about half the bytes of fp16; "int4": two
-    # 4-bit codes a byte with a float32 scale and minimum per token and head, about 0.3.
+    # 4-bit codes a byte with a float32 scale and minimum per token and head, about 0.3;
+    # "k8v4": keys int8, values int4 (the keys carry int4's error), about 0.4.
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:

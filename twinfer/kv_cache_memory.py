@@ -19,6 +19,8 @@ would not survive.
   over the row. q k^T = (q H)(k H)^T, so the kernels rotate q instead of un-rotating keys;
   engine_torch's ``gather`` returns k itself. SmolLM2, 2 windows of 512: keys in int4 cost
   +11.9% perplexity unrotated, +3.0% rotated; values +1.0% either way (bench/RESULTS.md).
+- ``kv_cache_dtype="k8v4"``: keys as in int8, values as in int4 (SmolLM2: values in int4
+  cost under 1%, keys even rotated 4.6%).
 The kernels' side is twinfer_kernels/quantized_kv.py.
 """
 
@@ -151,16 +153,24 @@ class Int4KVCache:
 KVCache = torch.Tensor | Int8KVCache | Int4KVCache
 
 
+# kv_cache_dtype -> how keys and values are each kept ("auto": the model dtype)
+_KINDS = {"auto": ("auto", "auto"), "int8": ("int8", "int8"), "int4": ("int4", "int4"),
+          "k8v4": ("int8", "int4")}
+
+
+def _row_bytes(kind: str, head_dim: int, dtype: torch.dtype) -> int:
+    if kind == "int8":
+        return head_dim + 4  # int8 codes, one float32 scale
+    if kind == "int4":
+        return head_dim // 2 + 8  # two codes a byte, a float32 scale and minimum
+    return head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def kv_block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype,
                    kv_cache_dtype: str = "auto") -> int:
     """Bytes one block takes across all layers, K and V."""
-    if kv_cache_dtype == "int8":
-        per_head = model.head_dim + 4  # int8 codes, one float32 scale
-    elif kv_cache_dtype == "int4":
-        per_head = model.head_dim // 2 + 8  # two codes a byte, a float32 scale and minimum
-    else:
-        per_head = model.head_dim * torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * per_head
+    per_head = sum(_row_bytes(kind, model.head_dim, dtype) for kind in _KINDS[kv_cache_dtype])
+    return model.num_layers * block_size * model.num_kv_heads * per_head
 
 
 def determine_num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
@@ -189,12 +199,13 @@ def allocate_kv_caches(model: ModelConfig, num_blocks: int, block_size: int,
     def params() -> torch.Tensor:
         return torch.zeros(shape[:-1], dtype=torch.float32, device=device)
 
-    def one(keys: bool) -> KVCache:
-        if kv_cache_dtype == "int8":
+    def one(kind: str, keys: bool) -> KVCache:
+        if kind == "int8":
             return Int8KVCache(torch.zeros(shape, dtype=torch.int8, device=device), params())
-        if kv_cache_dtype == "int4":
+        if kind == "int4":
             packed = torch.zeros(*shape[:-1], shape[-1] // 2, dtype=torch.uint8, device=device)
             return Int4KVCache(packed, params(), params(), rotated=keys)
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    return [(one(keys=True), one(keys=False)) for _ in range(model.num_layers)]
+    k_kind, v_kind = _KINDS[kv_cache_dtype]
+    return [(one(k_kind, keys=True), one(v_kind, keys=False)) for _ in range(model.num_layers)]

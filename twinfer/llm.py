@@ -44,7 +44,8 @@ class LLM:
         kv_cache_dtype: "auto" keeps K and V in the model dtype; "int8" stores them as int8
             with one scale per token and KV head (0.52 of fp16's bytes at head_dim 128, so
             ~1.9x the tokens in the same budget), "int4" as 4-bit codes with a scale and
-            minimum per token and head (0.28); both engines.
+            minimum per token and head (0.28), "k8v4" keys in int8 and values in int4 (0.40);
+            both engines.
     """
 
     def __init__(self, model: str | Path, engine: str = "auto", dtype: str = "auto",

@@ -90,7 +90,7 @@ def _decode_attention_kernel(
     NEW_KV: tl.constexpr, PDL: tl.constexpr, OUT_COLS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KV_BITS: tl.constexpr, ROTATE_KEYS: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, ROTATE_KEYS: tl.constexpr,
 ):
     if PDL:  # see twinfer_kernels/dense_gemv.py: nothing here is independent of the kernel before
         gdc_wait()
@@ -115,7 +115,7 @@ def _decode_attention_kernel(
         q = q.to(q_ptr.dtype.element_ty)
         slot = tl.load(slot_ptr + b)
         if (slot >= 0) & (start <= ctx - 1) & (ctx - 1 < end):  # this slice holds the new token
-            if KV_BITS == 16:
+            if K_BITS == 16:  # (and V_BITS: model-dtype caches come in pairs)
                 k_new = _rotated(k_new_ptr + b * stride_knb + kvh * stride_knh, pos,
                                  inv_freq_ptr, d, d < HEAD_DIM, HEAD_DIM)
                 v_new = tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d)
@@ -143,10 +143,10 @@ def _decode_attention_kernel(
                 off = slot % BLOCK_SIZE
                 store_kv_halves(k_cache_ptr, k_scale_ptr, k_min_ptr,
                                 blk * stride_kb + off * stride_ks + kvh * stride_kh, i, k_lo,
-                                k_hi, KV_BITS, HALF)
+                                k_hi, K_BITS, HALF)
                 store_kv_halves(v_cache_ptr, v_scale_ptr, v_min_ptr,
                                 blk * stride_vb + off * stride_vs + kvh * stride_vh, i, v_lo,
-                                v_hi, KV_BITS, HALF)
+                                v_hi, V_BITS, HALF)
         # The stores must be visible to the whole program before it reads its slice.
         tl.debug_barrier()
     else:
@@ -161,7 +161,7 @@ def _decode_attention_kernel(
         block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
         off = n % BLOCK_SIZE
         k = load_kv_rows(k_cache_ptr, k_scale_ptr, k_min_ptr, block, off, kvh, stride_kb,
-                         stride_ks, stride_kh, d, nmask, HEAD_DIM, KV_BITS).to(q.dtype)
+                         stride_ks, stride_kh, d, nmask, HEAD_DIM, K_BITS).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -169,7 +169,7 @@ def _decode_attention_kernel(
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_kv_rows(v_cache_ptr, v_scale_ptr, v_min_ptr, block, off, kvh, stride_vb,
-                         stride_vs, stride_vh, d, nmask, HEAD_DIM, KV_BITS).to(q.dtype)
+                         stride_vs, stride_vh, d, nmask, HEAD_DIM, V_BITS).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -234,11 +234,12 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
     it, without it q must come from ``rotary_and_write_kv`` (which rotates it)."""
     B, H, D = q.shape
     rotate = rotates_keys(k_cache, v_cache)
-    k_cache, k_scales, k_mins, kv_bits = cache_tensors(k_cache, D)
-    v_cache, v_scales, v_mins, _ = cache_tensors(v_cache, D)
-    _, block_size, Hkv, Dk = k_cache.shape
-    if Dk != (D // 2 if kv_bits == 4 else D) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not match q head_dim {D}")
+    k_cache, k_scales, k_mins, k_bits = cache_tensors(k_cache, D)
+    v_cache, v_scales, v_mins, v_bits = cache_tensors(v_cache, D)
+    _, block_size, Hkv, _ = k_cache.shape
+    if k_cache.shape[:3] != v_cache.shape[:3] or (k_bits == 16) != (v_bits == 16):
+        raise ValueError(f"K cache {tuple(k_cache.shape)} and V cache {tuple(v_cache.shape)} "
+                         "do not pair")
     if H % Hkv:
         raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {Hkv}")
     if D & (D - 1) or D < 16:
@@ -272,7 +273,7 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         part_lse.stride(0), part_lse.stride(1), out.stride(0),
         NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, KV_BITS=kv_bits, ROTATE_KEYS=rotate, **launch,
+        NUM_SPLITS=num_splits, K_BITS=k_bits, V_BITS=v_bits, ROTATE_KEYS=rotate, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](

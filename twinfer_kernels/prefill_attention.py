@@ -36,7 +36,8 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
                  k_min_ptr, v_min_ptr, block_tables_ptr, b, kvh, pos, n_lo, n_hi, hi, sliding_window, qk_scale,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, KV_BITS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_BITS: tl.constexpr,
+                 V_BITS: tl.constexpr):
     """Online softmax over keys n_lo .. n_hi (BLOCK_N at a time). Without MASKED every key is
     visible to every query row of the tile (below its first position, no window), so the
     per-element causal mask and its bounds checks are skipped: most of a long prompt's work."""
@@ -46,7 +47,7 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
         nmask = n < hi
         kv_offs = n % BLOCK_SIZE
         block = _load_keys(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, nmask, MASKED)
-        if KV_BITS == 16:  # the loads as they were before quantized caches, instruction for
+        if K_BITS == 16:  # the loads as they were before quantized caches, instruction for
             # instruction (the helper's order of address arithmetic compiles differently)
             k_ptrs = (k_cache_ptr + block[:, None] * stride_kb + kv_offs[:, None] * stride_ks
                       + kvh * stride_kh + d[None, :])
@@ -55,7 +56,7 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
             k = _load_keys(k_ptrs, nmask[:, None], MASKED)
         else:
             k = load_kv_rows(k_cache_ptr, k_scale_ptr, k_min_ptr, block, kv_offs, kvh,
-                             stride_kb, stride_ks, stride_kh, d, nmask, HEAD_DIM, KV_BITS,
+                             stride_kb, stride_ks, stride_kh, d, nmask, HEAD_DIM, K_BITS,
                              MASKED).to(q.dtype)
         # scores in log2 units: exp2 is one instruction, exp is exp2 plus a multiply
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
@@ -70,11 +71,11 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if KV_BITS == 16:
+        if V_BITS == 16:
             v = _load_keys(v_ptrs, nmask[:, None], MASKED)
         else:
             v = load_kv_rows(v_cache_ptr, v_scale_ptr, v_min_ptr, block, kv_offs, kvh,
-                             stride_vb, stride_vs, stride_vh, d, nmask, HEAD_DIM, KV_BITS,
+                             stride_vb, stride_vs, stride_vh, d, nmask, HEAD_DIM, V_BITS,
                              MASKED).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -93,7 +94,7 @@ def _prefill_attention_kernel(
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    OUT_COLS: tl.constexpr, KV_BITS: tl.constexpr,
+    OUT_COLS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
 ):
     # Tiles run last to first: make_tiles lists each sequence's tiles in query order, and the
     # later ones attend to more keys, so starting them first shortens the tail of the grid.
@@ -129,13 +130,13 @@ def _prefill_attention_kernel(
         v_min_ptr, block_tables_ptr,
         b, kvh, pos, lo, full, hi, sliding_window, qk_scale, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt, HEAD_DIM, PRECISION, BLOCK_SIZE, BLOCK_N,
-        False, KV_BITS)
+        False, K_BITS, V_BITS)
     acc, l_i, m_i = _attend_keys(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr,
         v_min_ptr, block_tables_ptr,
         b, kvh, pos, full, hi, hi, sliding_window, qk_scale, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt, HEAD_DIM, PRECISION, BLOCK_SIZE, BLOCK_N,
-        True, KV_BITS)
+        True, K_BITS, V_BITS)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     cols = _out_cols(out_cols_ptr, h, d, d < HEAD_DIM, HEAD_DIM, OUT_COLS)
@@ -167,11 +168,12 @@ def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
     H200 (bench/RESULTS.md). Quantized caches (``Int8KVCache``, ``Int4KVCache``) are read
     dequantized."""
     T, H, D = q.shape
-    k_cache, k_scales, k_mins, kv_bits = cache_tensors(k_cache, D)
-    v_cache, v_scales, v_mins, _ = cache_tensors(v_cache, D)
-    _, block_size, Hkv, Dk = k_cache.shape
-    if Dk != (D // 2 if kv_bits == 4 else D) or H % Hkv:
-        raise ValueError(f"q [{T}, {H}, {D}] does not fit caches {tuple(k_cache.shape)}")
+    k_cache, k_scales, k_mins, k_bits = cache_tensors(k_cache, D)
+    v_cache, v_scales, v_mins, v_bits = cache_tensors(v_cache, D)
+    _, block_size, Hkv, _ = k_cache.shape
+    if H % Hkv or k_cache.shape[:3] != v_cache.shape[:3] or (k_bits == 16) != (v_bits == 16):
+        raise ValueError(f"q [{T}, {H}, {D}] does not fit caches {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}")
     if D & (D - 1) or D < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
     if sum(query_lens) != T or len(query_lens) != context_lens.numel():
@@ -195,7 +197,8 @@ def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         out.stride(0),
         block_tables.stride(0),
         GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None, KV_BITS=kv_bits,
+        BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None, K_BITS=k_bits,
+        V_BITS=v_bits,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

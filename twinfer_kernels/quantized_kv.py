@@ -6,8 +6,9 @@ parameters per row, so a row's parameters sit at its code offset over the row's 
 codes (D for int8, D/2 bytes for int4). Writing quantizes a row as ``quantize_kv`` /
 ``quantize_kv_int4`` do (halves round away from zero where torch rounds to even: a code
 apart on exact ties only); reading dequantizes in float32 and the caller casts to the dtype it
-computes in. The kernels pass ``KV_BITS`` (16: the model dtype, 8, 4) as a constexpr, so their
-model-dtype path compiles to the instructions it had before quantized caches. Int4 keys live
+computes in. The kernels pass each cache's bits (``K_BITS``, ``V_BITS``: 16 for the model dtype,
+8, 4) as constexprs, so their model-dtype path compiles to the instructions it had before
+quantized caches. Int4 keys live
 in a Hadamard basis (``ROTATE_KEYS``): the kernels that apply rotary embedding also multiply q
 and the new keys by H (``hadamard_halves``, ``hadamard_rows``), so attention reads keys and
 queries in the same basis and never un-rotates anything.

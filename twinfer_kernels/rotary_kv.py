@@ -27,8 +27,8 @@ def _rotary_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, inv_freq_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cs, stride_ch,
-    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, KV_BITS: tl.constexpr,
+    stride_cs, stride_ch, stride_vcs, stride_vch,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     ROTATE_KEYS: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -53,7 +53,7 @@ def _rotary_write_kv_kernel(
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
             dst = slot * stride_cs + kvh * stride_ch
-            if KV_BITS == 16:
+            if K_BITS == 16:  # (and V_BITS: model-dtype caches come in pairs)
                 tl.store(k_cache_ptr + dst + i, y1)
                 tl.store(k_cache_ptr + dst + HALF + i, y2)
                 v = v_ptr + t * stride_vt + kvh * stride_vh
@@ -63,10 +63,10 @@ def _rotary_write_kv_kernel(
                 v = v_ptr + t * stride_vt + kvh * stride_vh
                 k1, k2 = y1.to(tl.float32), y2.to(tl.float32)  # the values q's kernel rounds
                 v1, v2 = tl.load(v + i).to(tl.float32), tl.load(v + HALF + i).to(tl.float32)
-                store_kv_halves(k_cache_ptr, k_scale_ptr, k_min_ptr, dst, i, k1, k2, KV_BITS,
+                store_kv_halves(k_cache_ptr, k_scale_ptr, k_min_ptr, dst, i, k1, k2, K_BITS,
                                 HALF)
-                store_kv_halves(v_cache_ptr, v_scale_ptr, v_min_ptr, dst, i, v1, v2, KV_BITS,
-                                HALF)
+                store_kv_halves(v_cache_ptr, v_scale_ptr, v_min_ptr,
+                                slot * stride_vcs + kvh * stride_vch, i, v1, v2, V_BITS, HALF)
 
 
 def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,13 +80,14 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     T, H, D = q.shape
     Hkv = k.shape[1]
     rotate = rotates_keys(k_cache, v_cache)
-    k_cache, k_scales, k_mins, kv_bits = cache_tensors(k_cache, D)
-    v_cache, v_scales, v_mins, _ = cache_tensors(v_cache, D)
+    k_cache, k_scales, k_mins, k_bits = cache_tensors(k_cache, D)
+    v_cache, v_scales, v_mins, v_bits = cache_tensors(v_cache, D)
     if k.shape != (T, Hkv, D) or v.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ")
     if any(x.stride(-1) != 1 for x in (q, k, v)) or not k_cache.is_contiguous() \
             or not v_cache.is_contiguous() or k_cache.shape[2] != Hkv \
-            or (kv_bits == 16 and k_cache.shape[3] != D):
+            or k_cache.shape[:3] != v_cache.shape[:3] or (k_bits == 16) != (v_bits == 16) \
+            or (k_bits == 16 and k_cache.shape[3] != D):
         raise ValueError("q, k, v must be contiguous in head_dim and the caches contiguous "
                          "[num_blocks, block_size, Hkv, D]")
     if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32:
@@ -97,5 +98,6 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, k_scales, v_scales,
         k_mins, v_mins,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2), NUM_HEADS=H, HALF=D // 2, KV_BITS=kv_bits,
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=H, HALF=D // 2, K_BITS=k_bits, V_BITS=v_bits,
         ROTATE_KEYS=rotate)
