@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models of every architecture, the real SmolLM2-135M, and a
-helper that drives the real scheduler and TorchRunner to collect logits at every position."""
+"""Shared fixtures: tiny random models of every architecture, the real SmolLM2-135M, a helper
+that drives the real scheduler and TorchRunner to collect logits at every position, and the
+paged-attention reference the kernel tests check against."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import functools  # noqa: E402
+import math  # noqa: E402
 from pathlib import Path
 
 import pytest  # noqa: E402
@@ -194,3 +196,39 @@ def collect_logits(model_path: Path, prompts: list[list[int]], chunk: int,
         scheduler.update(batch, forced)
     return [torch.stack([rows[s.request_id][p] for p in sorted(rows[s.request_id])])
             for s in seqs]
+
+
+def random_tables(ctx_lens, block_size, num_blocks, seed):
+    """Disjoint random blocks per sequence, padded with a poison block id."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    need = [math.ceil(c / block_size) for c in ctx_lens]
+    width = max(max(need), 1)
+    tables, i = [], 0
+    for n in need:
+        tables.append(perm[i:i + n] + [num_blocks - 1] * (width - n))
+        i += n
+    return torch.tensor(tables, dtype=torch.int32, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window=0):
+    """Causal attention in fp32 by gathering each sequence's keys: q [T, H, D]; ``window`` > 0:
+    a query sees only the ``window`` positions up to its own."""
+    out, start = [], 0
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    for i, (ql, ctx) in enumerate(zip(q_lens, ctx_lens)):
+        qi = q[start:start + ql].float()
+        start += ql
+        if ctx == 0:
+            out.append(torch.zeros_like(qi))
+            continue
+        blocks = tables[i, :math.ceil(ctx / bs)].long()
+        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(q.shape[1] // hkv, 1)
+        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(q.shape[1] // hkv, 1)
+        s = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        pos = torch.arange(ctx - ql, ctx, device=q.device)[:, None]
+        keys = torch.arange(ctx, device=q.device)[None]
+        hidden = (keys > pos) | ((pos - keys >= window) if window else False)
+        s = s.masked_fill(hidden, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
+    return torch.cat(out)

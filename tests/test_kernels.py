@@ -6,10 +6,9 @@ outputs (the inputs' own rounding, 2^-11 and 2^-8, times a few accumulations).""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import random_tables, reference_attention
 
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
@@ -31,42 +30,6 @@ def paged_cache(num_blocks, block_size, hkv, d, dtype, seed):
     k = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(DEVICE, dtype)
     v = torch.randn(num_blocks, block_size, hkv, d, generator=g).to(DEVICE, dtype)
     return k, v
-
-
-def random_tables(ctx_lens, block_size, num_blocks, seed):
-    """Disjoint random blocks per sequence, padded with a poison block id."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    need = [math.ceil(c / block_size) for c in ctx_lens]
-    width = max(max(need), 1)
-    tables, i = [], 0
-    for n in need:
-        tables.append(perm[i:i + n] + [num_blocks - 1] * (width - n))
-        i += n
-    return torch.tensor(tables, dtype=torch.int32, device=DEVICE)
-
-
-def reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale, window=0):
-    """Causal attention in fp32 by gathering each sequence's keys: q [T, H, D]; ``window`` > 0:
-    a query sees only the ``window`` positions up to its own."""
-    out, start = [], 0
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    for i, (ql, ctx) in enumerate(zip(q_lens, ctx_lens)):
-        qi = q[start:start + ql].float()
-        start += ql
-        if ctx == 0:
-            out.append(torch.zeros_like(qi))
-            continue
-        blocks = tables[i, :math.ceil(ctx / bs)].long()
-        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(q.shape[1] // hkv, 1)
-        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(q.shape[1] // hkv, 1)
-        s = torch.einsum("qhd,khd->hqk", qi, k) * scale
-        pos = torch.arange(ctx - ql, ctx, device=q.device)[:, None]
-        keys = torch.arange(ctx, device=q.device)[None]
-        hidden = (keys > pos) | ((pos - keys >= window) if window else False)
-        s = s.masked_fill(hidden, float("-inf"))
-        out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
-    return torch.cat(out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
