@@ -232,3 +232,11 @@ def reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, scale, wi
         s = s.masked_fill(hidden, float("-inf"))
         out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
     return torch.cat(out)
+
+
+def newest_token_slots(tables, ctx_lens, block_size):
+    """The cache slot of each sequence's newest position (-1 for an empty one): where a
+    decode step writes its token's K and V."""
+    return torch.tensor([int(tables[b, (c - 1) // block_size]) * block_size
+                         + (c - 1) % block_size if c else -1
+                         for b, c in enumerate(ctx_lens)], device=tables.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_tables, reference_attention
+from conftest import newest_token_slots, random_tables, reference_attention
 
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
@@ -65,9 +65,7 @@ def test_decode_attention_with_new_kv_equals_rotary_write_then_attention(dtype, 
     q, k, v = qkv.split([H * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
     q, k, v = q.view(B, H, head_dim), k.view(B, hkv, head_dim), v.view(B, hkv, head_dim)
     positions = torch.tensor([max(c - 1, 0) for c in ctx_lens], device=DEVICE)
-    slots = torch.tensor([int(tables[b, (c - 1) // block_size]) * block_size
-                          + (c - 1) % block_size if c else -1
-                          for b, c in enumerate(ctx_lens)], device=DEVICE)
+    slots = newest_token_slots(tables, ctx_lens, block_size)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).to(DEVICE)
     ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import collect_logits, random_tables, reference_attention
+from conftest import collect_logits, newest_token_slots, random_tables, reference_attention
 
 from engine_torch.attention import _gather, write_kv_cache
 from twinfer import LLM, SamplingParams
@@ -320,9 +320,7 @@ def test_fused_decode_step_writes_the_rows_the_rotary_kernel_writes(kind, num_sp
     k = torch.randn(B, hkv, head_dim, generator=g).to(DEVICE)
     v = torch.randn(B, hkv, head_dim, generator=g).to(DEVICE)
     positions = torch.tensor([max(c - 1, 0) for c in ctx_lens], device=DEVICE)
-    slots = torch.tensor([int(tables[b, (c - 1) // block_size]) * block_size
-                          + (c - 1) % block_size if c else -1
-                          for b, c in enumerate(ctx_lens)], device=DEVICE)
+    slots = newest_token_slots(tables, ctx_lens, block_size)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).to(DEVICE)
     ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
     fused = [mapped(c, torch.clone) for c in (kq, vq)]

@@ -26,6 +26,7 @@ The kernels' side is twinfer_kernels/quantized_kv.py.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,13 @@ def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype)
 
 def hadamard(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The orthonormal n x n Sylvester Hadamard matrix (n a power of two), float32: entry
-    (i, j) is (-1)^popcount(i & j) / sqrt(n), so it is its own inverse."""
+    (i, j) is (-1)^popcount(i & j) / sqrt(n), so it is its own inverse. Cached: int4 key
+    caches use it at every store and gather; callers must not modify it."""
+    return _hadamard(n, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard(n: int, device: str) -> torch.Tensor:
     if n <= 0 or n & (n - 1):
         raise ValueError(f"a Hadamard matrix needs a power-of-two size, got {n}")
     i = torch.arange(n, device=device)
