@@ -21,7 +21,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from bench.fast_roofline import decode_batch, llama31_8b_config, prefill_batch
-from twinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from twinfer.config import KV_CACHE_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from twinfer.dummy import dummy_weights
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", type=int, default=0,
                     help="profile one prompt of this many tokens instead of a decode step")
     ap.add_argument("--quantization", default=None, help="e.g. w4a16-g128-sym")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     ap.add_argument("--cublas-only", action="store_true",
                     help="dense linears through cuBLAS at one row (no dense_gemv, unfused): A/B")
     ap.add_argument("--unfused", action="store_true",
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         weights = quantize_weights_rtn(weights, QuantScheme.parse(args.quantization))
     blocks = max(args.batch * -(-args.context // bs), -(-args.prefill // bs)) + 1
     config = EngineConfig(model=weights.config,
-                          cache=CacheConfig(block_size=bs, num_kv_blocks=blocks),
+                          cache=CacheConfig(block_size=bs, num_kv_blocks=blocks,
+                                            kv_cache_dtype=args.kv_cache_dtype),
                           scheduler=SchedulerConfig(max_num_seqs=args.batch,
                                                     max_model_len=max(args.context,
                                                                       args.prefill)),

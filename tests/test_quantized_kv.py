@@ -343,7 +343,8 @@ def test_engine_fast_with_a_quantized_cache_computes_what_engine_torch_computes(
     path = tiny_model_factory("llama")
     decode = [[1, 2, 3], [6, 7, 8]]
     by_torch = collect_logits(path, PROMPTS, chunk, decode, kv_cache_dtype=kind)
-    by_fast = collect_logits(path, PROMPTS, chunk, decode, engine="fast", kv_cache_dtype=kind)
+    by_fast = collect_logits(path, PROMPTS, chunk, decode, engine="fast", device=DEVICE,
+                             kv_cache_dtype=kind)
     for a, b in zip(by_fast, by_torch):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
 

@@ -29,9 +29,11 @@ from twinfer_kernels.quantized_kv import (
     cache_tensors,
     hadamard_halves,
     hadamard_rows,
-    load_kv_rows,
+    key_scores,
+    load_kv_codes,
     rotates_keys,
     store_kv_halves,
+    value_mix,
 )
 
 
@@ -70,6 +72,12 @@ def _out_cols(out_cols_ptr, heads, d, mask, HEAD_DIM: tl.constexpr, OUT_COLS: tl
     return cols
 
 
+def _ptx_codes(q: torch.Tensor) -> bool:
+    """Whether quantized caches' codes may become fp16 by PTX (quantized_kv.load_kv_codes):
+    fp16 on CUDA (the interpreter runs no PTX)."""
+    return q.dtype == torch.float16 and q.is_cuda
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise be multiplied in TF32 on the GPU (10-bit mantissa).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -91,6 +99,7 @@ def _decode_attention_kernel(
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, ROTATE_KEYS: tl.constexpr,
+    PTX_CODES: tl.constexpr,
 ):
     if PDL:  # see twinfer_kernels/dense_gemv.py: nothing here is independent of the kernel before
         gdc_wait()
@@ -111,7 +120,7 @@ def _decode_attention_kernel(
         pos = tl.load(positions_ptr + b).to(tl.float32)
         q = _rotated(q_ptrs, pos, inv_freq_ptr, d[None, :], gmask[:, None], HEAD_DIM)
         if ROTATE_KEYS:  # into the Hadamard basis the int4 keys live in
-            q = hadamard_rows(q.to(q_ptr.dtype.element_ty), HEAD_DIM, PRECISION)
+            q = hadamard_rows(q.to(q_ptr.dtype.element_ty).to(tl.float32))
         q = q.to(q_ptr.dtype.element_ty)
         slot = tl.load(slot_ptr + b)
         if (slot >= 0) & (start <= ctx - 1) & (ctx - 1 < end):  # this slice holds the new token
@@ -152,6 +161,10 @@ def _decode_attention_kernel(
     else:
         q = tl.load(q_ptrs + d[None, :], mask=gmask[:, None], other=0.0)  # [GROUP_PAD, D]
 
+    if K_BITS == 4:  # for the keys' minima (quantized_kv.key_scores)
+        q_sum = tl.sum(q.to(tl.float32), 1)
+    else:
+        q_sum = 0.0
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -160,17 +173,29 @@ def _decode_attention_kernel(
         nmask = n < end
         block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
         off = n % BLOCK_SIZE
-        k = load_kv_rows(k_cache_ptr, k_scale_ptr, k_min_ptr, block, off, kvh, stride_kb,
-                         stride_ks, stride_kh, d, nmask, HEAD_DIM, K_BITS).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N] fp32
+        if K_BITS == 16:
+            k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks
+                        + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
+        else:
+            kc, ks, km = load_kv_codes(k_cache_ptr, k_scale_ptr, k_min_ptr, block, off, kvh,
+                                       stride_kb, stride_ks, stride_kh, nmask, HEAD_DIM, K_BITS,
+                                       q.dtype, PTX_CODES)
+            s = key_scores(q, q_sum, kc, ks, km, K_BITS, PRECISION) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_kv_rows(v_cache_ptr, v_scale_ptr, v_min_ptr, block, off, kvh, stride_vb,
-                         stride_vs, stride_vh, d, nmask, HEAD_DIM, V_BITS).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if V_BITS == 16:
+            v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs
+                        + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            vc, vs, vm = load_kv_codes(v_cache_ptr, v_scale_ptr, v_min_ptr, block, off, kvh,
+                                       stride_vb, stride_vs, stride_vh, nmask, HEAD_DIM, V_BITS,
+                                       q.dtype, PTX_CODES)
+            acc = acc * alpha[:, None] + value_mix(p, vc, vs, vm, V_BITS, PRECISION)
         m_i = m_new
 
     if PDL:
@@ -220,7 +245,7 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int = 1, block_n: int = 64,
                      new_kv: NewKV | None = None, pdl: bool = False,
-                     out_cols: torch.Tensor | None = None) -> torch.Tensor:
+                     out_cols: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
     int32; context_lens: [B] int32 (0 for padding rows), counting the new token. Returns
     [B, H, D] in q's dtype. With ``new_kv``, q is taken before rotary embedding and the new
@@ -273,7 +298,8 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         part_lse.stride(0), part_lse.stride(1), out.stride(0),
         NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, K_BITS=k_bits, V_BITS=v_bits, ROTATE_KEYS=rotate, **launch,
+        NUM_SPLITS=num_splits, K_BITS=k_bits, V_BITS=v_bits, ROTATE_KEYS=rotate,
+        PTX_CODES=_ptx_codes(q), num_warps=num_warps, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](

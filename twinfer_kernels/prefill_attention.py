@@ -15,8 +15,13 @@ import triton.language as tl
 
 from twinfer.device_copy import to_device_async
 from twinfer.kv_cache_memory import KVCache
-from twinfer_kernels.decode_attention import _check_out_cols, _out_cols, _precision
-from twinfer_kernels.quantized_kv import cache_tensors, load_kv_rows
+from twinfer_kernels.decode_attention import (
+    _check_out_cols,
+    _out_cols,
+    _precision,
+    _ptx_codes,
+)
+from twinfer_kernels.quantized_kv import cache_tensors, key_scores, load_kv_codes, value_mix
 
 BLOCK_M = 64  # query rows per tile (make_tiles and the kernel must agree)
 
@@ -37,11 +42,15 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_BITS: tl.constexpr,
-                 V_BITS: tl.constexpr):
+                 V_BITS: tl.constexpr, PTX_CODES: tl.constexpr):
     """Online softmax over keys n_lo .. n_hi (BLOCK_N at a time). Without MASKED every key is
     visible to every query row of the tile (below its first position, no window), so the
     per-element causal mask and its bounds checks are skipped: most of a long prompt's work."""
     d = tl.arange(0, HEAD_DIM)
+    if K_BITS == 4:  # for the keys' minima (quantized_kv.key_scores)
+        q_sum = tl.sum(q.to(tl.float32), 1)
+    else:
+        q_sum = 0.0
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
@@ -54,12 +63,13 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
             v_ptrs = (v_cache_ptr + block[:, None] * stride_vb + kv_offs[:, None] * stride_vs
                       + kvh * stride_vh + d[None, :])
             k = _load_keys(k_ptrs, nmask[:, None], MASKED)
+            # scores in log2 units: exp2 is one instruction, exp is exp2 plus a multiply
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         else:
-            k = load_kv_rows(k_cache_ptr, k_scale_ptr, k_min_ptr, block, kv_offs, kvh,
-                             stride_kb, stride_ks, stride_kh, d, nmask, HEAD_DIM, K_BITS,
-                             MASKED).to(q.dtype)
-        # scores in log2 units: exp2 is one instruction, exp is exp2 plus a multiply
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            kc, ks, km = load_kv_codes(k_cache_ptr, k_scale_ptr, k_min_ptr, block, kv_offs, kvh,
+                                       stride_kb, stride_ks, stride_kh, nmask, HEAD_DIM, K_BITS,
+                                       q.dtype, PTX_CODES, MASKED)
+            s = key_scores(q, q_sum, kc, ks, km, K_BITS, PRECISION) * qk_scale
         if MASKED:
             visible = (n[None, :] <= pos[:, None]) & nmask[None, :]
             if sliding_window > 0:
@@ -73,11 +83,12 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
         l_i = l_i * alpha + tl.sum(p, 1)
         if V_BITS == 16:
             v = _load_keys(v_ptrs, nmask[:, None], MASKED)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         else:
-            v = load_kv_rows(v_cache_ptr, v_scale_ptr, v_min_ptr, block, kv_offs, kvh,
-                             stride_vb, stride_vs, stride_vh, d, nmask, HEAD_DIM, V_BITS,
-                             MASKED).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            vc, vs, vm = load_kv_codes(v_cache_ptr, v_scale_ptr, v_min_ptr, block, kv_offs, kvh,
+                                       stride_vb, stride_vs, stride_vh, nmask, HEAD_DIM, V_BITS,
+                                       q.dtype, PTX_CODES, MASKED)
+            acc = acc * alpha[:, None] + value_mix(p, vc, vs, vm, V_BITS, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -95,6 +106,7 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     OUT_COLS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    PTX_CODES: tl.constexpr,
 ):
     # Tiles run last to first: make_tiles lists each sequence's tiles in query order, and the
     # later ones attend to more keys, so starting them first shortens the tail of the grid.
@@ -130,13 +142,13 @@ def _prefill_attention_kernel(
         v_min_ptr, block_tables_ptr,
         b, kvh, pos, lo, full, hi, sliding_window, qk_scale, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt, HEAD_DIM, PRECISION, BLOCK_SIZE, BLOCK_N,
-        False, K_BITS, V_BITS)
+        False, K_BITS, V_BITS, PTX_CODES)
     acc, l_i, m_i = _attend_keys(
         acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr,
         v_min_ptr, block_tables_ptr,
         b, kvh, pos, full, hi, hi, sliding_window, qk_scale, stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh, stride_bt, HEAD_DIM, PRECISION, BLOCK_SIZE, BLOCK_N,
-        True, K_BITS, V_BITS)
+        True, K_BITS, V_BITS, PTX_CODES)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     cols = _out_cols(out_cols_ptr, h, d, d < HEAD_DIM, HEAD_DIM, OUT_COLS)
@@ -198,7 +210,7 @@ def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         block_tables.stride(0),
         GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None, K_BITS=k_bits,
-        V_BITS=v_bits,
+        V_BITS=v_bits, PTX_CODES=_ptx_codes(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

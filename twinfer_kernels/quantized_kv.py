@@ -1,14 +1,15 @@
-"""Reading and writing the KV cache inside the attention kernels: in the model dtype, or as
-int8 / int4 codes (``twinfer.kv_cache_memory``'s ``Int8KVCache`` / ``Int4KVCache``).
+"""Reading and writing quantized KV caches inside the attention kernels (int8 / int4 codes:
+``twinfer.kv_cache_memory``'s ``Int8KVCache`` / ``Int4KVCache``).
 
 A quantized cache holds one row of codes per (slot, KV head), contiguous, and float32
 parameters per row, so a row's parameters sit at its code offset over the row's width in
 codes (D for int8, D/2 bytes for int4). Writing quantizes a row as ``quantize_kv`` /
 ``quantize_kv_int4`` do (halves round away from zero where torch rounds to even: a code
-apart on exact ties only); reading dequantizes in float32 and the caller casts to the dtype it
-computes in. The kernels pass each cache's bits (``K_BITS``, ``V_BITS``: 16 for the model dtype,
-8, 4) as constexprs, so their model-dtype path compiles to the instructions it had before
-quantized caches. Int4 keys live
+apart on exact ties only). Reading never dequantizes a tile: attention takes the codes
+converted to its dtype and applies each row's scale and minimum to the scores and to the
+probabilities (``load_kv_codes``, ``key_scores``, ``value_mix``). The kernels pass each
+cache's bits (``K_BITS``, ``V_BITS``: 16 for the model dtype, 8, 4) as constexprs, so their
+model-dtype path compiles to the instructions it had before quantized caches. Int4 keys live
 in a Hadamard basis (``ROTATE_KEYS``): the kernels that apply rotary embedding also multiply q
 and the new keys by H (``hadamard_halves``, ``hadamard_rows``), so attention reads keys and
 queries in the same basis and never un-rotates anything.
@@ -22,41 +23,125 @@ import triton.language as tl
 
 from twinfer.kv_cache_memory import Int4KVCache, Int8KVCache, KVCache
 
+# Codes to fp16 without conversion instructions (which issue at a quarter of the ALU rate, and
+# two per element made int8 attention slower than fp16's): each byte goes under the exponent
+# of 1024 (0x64XX is the fp16 1024 + XX), and one packed subtraction per two codes removes the
+# offset. Four codes in one 32-bit register ($2) become four fp16 in two ($0, $1), in order.
+# int8: c ^ 0x80 is c + 128 as an unsigned byte, so the offset is 1152 (0x6480).
+_I8_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 t, m;
+xor.b32 t, $2, 0x80808080;
+mov.b32 m, 0x64646464;
+prmt.b32 $0, t, m, 0x4140;
+prmt.b32 $1, t, m, 0x4342;
+mov.b32 m, 0x64806480;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}""")
+# int4: the low nibbles of four bytes; then the high ones (the word shifted right by 4).
+_U4_LO_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 z, k, m;
+mov.b32 z, 0;
+mov.b32 k, 0x000F000F;
+mov.b32 m, 0x64006400;
+prmt.b32 $0, $2, z, 0x4140;
+prmt.b32 $1, $2, z, 0x4342;
+lop3.b32 $0, $0, k, m, 0xEA;
+lop3.b32 $1, $1, k, m, 0xEA;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}""")
+_U4_HI_TO_F16_ASM = tl.constexpr("""{
+.reg .b32 w, z, k, m;
+shr.b32 w, $2, 4;
+mov.b32 z, 0;
+mov.b32 k, 0x000F000F;
+mov.b32 m, 0x64006400;
+prmt.b32 $0, w, z, 0x4140;
+prmt.b32 $1, w, z, 0x4342;
+lop3.b32 $0, $0, k, m, 0xEA;
+lop3.b32 $1, $1, k, m, 0xEA;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}""")
+
 
 @triton.jit
-def load_kv_rows(cache_ptr, scale_ptr, min_ptr, block, off, kvh, stride_b, stride_s, stride_h,
-                 d, mask, HEAD_DIM: tl.constexpr, KV_BITS: tl.constexpr,
-                 MASKED: tl.constexpr = True):
-    """Cached rows [N, D] of KV head ``kvh`` at slots (block [N], off [N]) (+ d [D]): in the
-    cache's dtype (KV_BITS 16) or dequantized in float32; zeros where ``mask`` [N] is off
-    (checked only when MASKED). Strides are the code tensor's."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    if KV_BITS == 4:  # byte d % (D/2) holds d's code in its low (d < D/2) or high nibble
-        cols = d % HALF
+def load_kv_codes(cache_ptr, scale_ptr, min_ptr, block, off, kvh, stride_b, stride_s, stride_h,
+                  mask, HEAD_DIM: tl.constexpr, KV_BITS: tl.constexpr, DTYPE: tl.constexpr,
+                  PTX_CODES: tl.constexpr, MASKED: tl.constexpr = True):
+    """A quantized tile of KV head ``kvh`` at slots (block [N], off [N]) as it is stored: the
+    codes [N, D] in DTYPE (small integers, exact in every float dtype) and each row's scale
+    and minimum [N] (float32; minima 0 for int8), so row n is codes[n] * scale[n] + min[n].
+    Zeros where ``mask`` [N] is off (checked only when MASKED). The attention kernels apply
+    the parameters to the scores and the probabilities (``key_scores``, ``value_mix``), not to
+    the tile: a per-row factor passes through the dot, and converting codes is all the
+    per-element work left (dequantizing the tile in float32 made int8 attention slower than
+    fp16's; bench/RESULTS.md). ``PTX_CODES`` (fp16 on CUDA): codes become fp16 by byte
+    permutes and a packed subtraction (``_codes_to_f16``), not by conversion instructions."""
+    base = block * stride_b + off * stride_s + kvh * stride_h
+    rows = base // (HEAD_DIM * KV_BITS // 8)
+    if KV_BITS == 8:
+        d = tl.arange(0, HEAD_DIM)
+        x = _load_masked(cache_ptr + base[:, None] + d[None, :], mask[:, None], MASKED)
+        if PTX_CODES:
+            codes = tl.inline_asm_elementwise(_I8_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
+                                              is_pure=True, pack=4)
+        else:
+            codes = x.to(DTYPE)
+    else:  # byte i holds dimension i's code (low nibble) and dimension HALF + i's (high)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        i = tl.arange(0, HALF)
+        x = _load_masked(cache_ptr + base[:, None] + i[None, :], mask[:, None], MASKED)
+        if PTX_CODES:
+            lo = tl.inline_asm_elementwise(_U4_LO_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
+                                           is_pure=True, pack=4)
+            hi = tl.inline_asm_elementwise(_U4_HI_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
+                                           is_pure=True, pack=4)
+        else:
+            lo, hi = (x & 15).to(DTYPE), (x >> 4).to(DTYPE)
+        both = tl.join(lo, hi)  # [N, HALF, 2]
+        codes = tl.reshape(tl.permute(both, (0, 2, 1)), (x.shape[0], HEAD_DIM))
+    scales = _load_masked(scale_ptr + rows, mask, MASKED)
+    if KV_BITS == 4:
+        mins = _load_masked(min_ptr + rows, mask, MASKED)
     else:
-        cols = d
-    ptrs = (cache_ptr + block[:, None] * stride_b + off[:, None] * stride_s + kvh * stride_h
-            + cols[None, :])
+        mins = tl.zeros_like(scales)
+    return codes, scales, mins
+
+
+@triton.jit
+def _load_masked(ptrs, mask, MASKED: tl.constexpr):
     if MASKED:
-        x = tl.load(ptrs, mask=mask[:, None], other=0.0)
+        x = tl.load(ptrs, mask=mask, other=0)
     else:
         x = tl.load(ptrs)
-    if KV_BITS != 16:
-        rows = (block * stride_b + off * stride_s + kvh * stride_h) // (HEAD_DIM * KV_BITS // 8)
-        if MASKED:
-            s = tl.load(scale_ptr + rows, mask=mask, other=0.0)
-        else:
-            s = tl.load(scale_ptr + rows)
-        if KV_BITS == 8:
-            x = x.to(tl.float32) * s[:, None]
-        else:
-            if MASKED:
-                lo = tl.load(min_ptr + rows, mask=mask, other=0.0)
-            else:
-                lo = tl.load(min_ptr + rows)
-            codes = (x.to(tl.int32) >> ((d // HALF) * 4)[None, :]) & 15
-            x = codes.to(tl.float32) * s[:, None] + lo[:, None]
     return x
+
+
+@triton.jit
+def key_scores(q, q_sum, codes, scales, mins, KV_BITS: tl.constexpr, PRECISION: tl.constexpr):
+    """q [M, D] against the keys codes * scale + min of ``load_kv_codes``: [M, N] float32,
+    as q . (c_n s_n + m_n) = s_n (q . c_n) + m_n sum(q) (``q_sum`` [M] float32)."""
+    s = tl.dot(q, tl.trans(codes), input_precision=PRECISION) * scales[None, :]
+    if KV_BITS == 4:
+        s += q_sum[:, None] * mins[None, :]
+    return s
+
+
+@triton.jit
+def value_mix(p, codes, scales, mins, KV_BITS: tl.constexpr, PRECISION: tl.constexpr):
+    """sum_n p[:, n] (codes[n] * scale[n] + min[n]) for probabilities p [M, N] (float32) and
+    the values of ``load_kv_codes``: [M, D] float32. The scales go into p, divided by the
+    tile's largest so that p stays in [0, 1] when it is rounded to the codes' dtype (a small
+    scale would otherwise push it into fp16's subnormals)."""
+    top = tl.max(scales, 0)
+    top = tl.where(top > 0, top, 1.0)
+    weights = (p * (scales / top)[None, :]).to(codes.dtype)
+    mix = tl.dot(weights, codes, input_precision=PRECISION) * top
+    if KV_BITS == 4:
+        mix += tl.sum(p * mins[None, :], 1)[:, None]
+    return mix
 
 
 @triton.jit
@@ -84,14 +169,19 @@ def store_kv_halves(cache_ptr, scale_ptr, min_ptr, row_off, i, lo, hi, KV_BITS: 
 
 
 @triton.jit
-def _hadamard_signs(R: tl.constexpr, C: tl.constexpr):
-    """The [R, C] corner of the unnormalised Sylvester matrix: (-1)^popcount(i & j)."""
-    p = tl.arange(0, R)[:, None] & tl.arange(0, C)[None, :]
-    p = p ^ (p >> 8)
-    p = p ^ (p >> 4)
-    p = p ^ (p >> 2)
-    p = p ^ (p >> 1)
-    return 1.0 - 2.0 * (p & 1).to(tl.float32)
+def fwht_rows(x):
+    """The unnormalised Sylvester Hadamard transform of each row of x [M, N] (N a power of two),
+    by butterflies (a, b) -> (a + b, a - b) at strides 1, 2, .., N/2: N log2(N) adds per row
+    and no matrix (generating the N x N signs in every program cost registers and time: the
+    fused decode step spilled; bench/RESULTS.md)."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    for stage in tl.static_range(16):  # N <= 2^16; stride h = 2^stage
+        if (1 << stage) < N:
+            pairs = tl.permute(tl.reshape(x, (M, N // (2 << stage), 2, 1 << stage)), (0, 1, 3, 2))
+            a, b = tl.split(pairs)  # [M, N / 2h, h] each: the pairs' first and second elements
+            x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (M, N))
+    return x
 
 
 @triton.jit
@@ -99,18 +189,16 @@ def hadamard_halves(lo, hi, HALF: tl.constexpr):
     """The halves of x H (H the orthonormal Hadamard matrix of size 2 HALF) from x's halves
     lo = x[:HALF], hi = x[HALF:] (float32): H = [[S, S], [S, -S]] / sqrt(2 HALF), S the
     unnormalised matrix of size HALF, so x H = [(lo + hi) S, (lo - hi) S] / sqrt(2 HALF)."""
-    s = _hadamard_signs(HALF, HALF)
     norm = 1.0 / tl.sqrt(2.0 * HALF)
-    return (tl.sum((lo + hi)[:, None] * s, 0) * norm,
-            tl.sum((lo - hi)[:, None] * s, 0) * norm)
+    both = fwht_rows(tl.join(lo + hi, lo - hi).trans())  # [2, HALF]
+    first, second = tl.split(both.trans())
+    return first * norm, second * norm
 
 
 @triton.jit
-def hadamard_rows(x, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """x [M, D] (M >= 16) times the orthonormal Hadamard matrix of size D, in float32, on the
-    tensor cores in x's dtype (H's entries +-1/sqrt(D) round to fp16 within 2^-11)."""
-    h = _hadamard_signs(HEAD_DIM, HEAD_DIM) * (1.0 / tl.sqrt(1.0 * HEAD_DIM))
-    return tl.dot(x, h.to(x.dtype), input_precision=PRECISION)
+def hadamard_rows(x):
+    """x [M, D] (float32, D a power of two) times the orthonormal Hadamard matrix of size D."""
+    return fwht_rows(x) * (1.0 / tl.sqrt(1.0 * x.shape[1]))
 
 
 @triton.jit
