@@ -12,7 +12,7 @@ q and k): 4 MB of fp16 KV, so a few us of bytes and the rest fixed cost. Prefill
 one 2,048-token prompt is compute-bound (4 x 2,048^2 / 2 x 32 x 128 FLOPs causal = 34 GFLOP),
 so there a quantized cache can only cost; the rotary-and-write kernel that fills the cache for
 that prompt is in the last row. ``--sweep`` also times the decode kernel's tile (block_n) and
-warps per program for each format.
+warps per program and pipeline stages for each format.
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def cache_bytes(cache: KVCache) -> int:
     return sum(t.nbytes for t in cache.tensors())
 
 
+def graph_ms(call, reps: int = 50) -> float:
+    """ms per call of ``reps`` calls replayed in one CUDA graph (as the engine's decode step
+    runs them: no launch gaps)."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    return triton.testing.do_bench(graph.replay, return_mode="median") / reps
+
+
 def _decode_setup(kind: str, batch: int, ctx: int):
     blocks = batch * ctx // BLOCK_SIZE
     kc, vc = filled_caches(kind, blocks + 1)
@@ -77,14 +88,19 @@ def decode_rows(kind: str, bw: float, sweep: bool) -> list[dict]:
     # batch 64 x context 4,096: the bandwidth-bound case (one split, as engine_fast picks there)
     kc, vc, q, tables, lens = _decode_setup(kind, 64, 4096)
     kv = cache_bytes(kc) + cache_bytes(vc)
-    configs = [(bn, w) for bn in (32, 64, 128) for w in (4, 8)] if sweep else [(64, 4)]
-    for block_n, warps in configs:
-        def call(block_n=block_n, warps=warps):
+    configs = [(bn, w, st) for bn in (64, 128, 256) for w in (4, 8) for st in (3, 5)] \
+        if sweep else [(64, 4, 3)]
+    for block_n, warps, stages in configs:
+        def call(block_n=block_n, warps=warps, stages=stages):
             return decode_attention(q, kc, vc, tables, lens, HEAD_DIM ** -0.5, 1,
-                                    block_n=block_n, num_warps=warps)
-        ms = triton.testing.do_bench(call, return_mode="median")
-        rows.append({"kind": kind, "what": f"decode b64 x 4096 (block_n {block_n}, {warps} warps)",
-                     "us": ms * 1e3, "fraction": kv / (ms * 1e-3) / bw})
+                                    block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            ms = triton.testing.do_bench(call, return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            continue
+        rows.append({"kind": kind, "what": f"decode b64 x 4096 (block_n {block_n}, {warps} "
+                     f"warps, {stages} stages)", "us": ms * 1e3,
+                     "fraction": kv / (ms * 1e-3) / bw})
     del kc, vc
     # batch 1 x context 1,024, the fused decode step's attention (16 splits)
     kc, vc, q, tables, lens = _decode_setup(kind, 1, 1024)
@@ -93,9 +109,8 @@ def decode_rows(kind: str, bw: float, sweep: bool) -> list[dict]:
     new = NewKV(k_new, torch.randn_like(k_new), lens.long() - 1, inv_freq,
                 torch.tensor([1023], device="cuda"))
     kv = cache_bytes(kc) + cache_bytes(vc)
-    ms = triton.testing.do_bench(lambda: decode_attention(
-        q, kc, vc, tables, lens, HEAD_DIM ** -0.5, 16, new_kv=new, pdl=True),
-        return_mode="median")
+    ms = graph_ms(lambda: decode_attention(q, kc, vc, tables, lens, HEAD_DIM ** -0.5, 16,
+                                           new_kv=new, pdl=True))
     rows.append({"kind": kind, "what": "decode b1 x 1024, fused (rotary, store)",
                  "us": ms * 1e3, "fraction": kv / (ms * 1e-3) / bw})
     return rows
@@ -131,7 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="auto,int8,int4,k8v4")
     ap.add_argument("--sweep", action="store_true",
-                    help="decode at batch 64: every block_n in 32/64/128 x 4/8 warps")
+                    help="decode at batch 64: block_n 64/128/256 x 4/8 warps x 3/5 stages")
     args = ap.parse_args()
     from bench.fast_roofline import copy_bandwidth, matmul_rate
 

@@ -245,7 +245,8 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      num_splits: int = 1, block_n: int = 64,
                      new_kv: NewKV | None = None, pdl: bool = False,
-                     out_cols: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
+                     out_cols: torch.Tensor | None = None, num_warps: int = 4,
+                     num_stages: int = 3) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]
     int32; context_lens: [B] int32 (0 for padding rows), counting the new token. Returns
     [B, H, D] in q's dtype. With ``new_kv``, q is taken before rotary embedding and the new
@@ -299,7 +300,8 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, K_BITS=k_bits, V_BITS=v_bits, ROTATE_KEYS=rotate,
-        PTX_CODES=_ptx_codes(q), num_warps=num_warps, **launch,
+        PTX_CODES=_ptx_codes(q), num_warps=num_warps,
+        num_stages=num_stages, **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(B, H)](
