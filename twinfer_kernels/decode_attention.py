@@ -167,13 +167,18 @@ def _decode_attention_kernel(
         q = tl.load(q_ptrs + d[None, :], mask=gmask[:, None], other=0.0)  # [GROUP_PAD, D]
 
     # Int4 tiles stay as the halves of the head dimension their bytes hold
-    # (quantized_kv.load_int4_halves): q is split once, values accumulate by halves.
+    # (quantized_kv.load_int4_halves): q is split once, values accumulate by halves. Halves
+    # under 16 dimensions are too narrow for a tensor-core dot: those tiles are joined.
+    HALVES: tl.constexpr = HALF >= 16
     if K_BITS == 4:
         q_sum = tl.sum(q.to(tl.float32), 1)  # for the keys' minima
-        q_lo, q_hi = split_halves(q)
+        if HALVES:
+            q_lo, q_hi = split_halves(q)
+    else:
+        q_sum = 0.0
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    if V_BITS == 4:
+    if V_BITS == 4 and HALVES:
         acc_lo = tl.zeros([GROUP_PAD, HALF], tl.float32)
         acc_hi = tl.zeros([GROUP_PAD, HALF], tl.float32)
     else:
@@ -187,11 +192,11 @@ def _decode_attention_kernel(
             k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks
                         + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
-        elif K_BITS == 8:
+        elif K_BITS == 8 or not HALVES:
             kc, ks, km = load_kv_codes(k_cache_ptr, k_scale_ptr, k_min_ptr, block, off, kvh,
                                        stride_kb, stride_ks, stride_kh, nmask, HEAD_DIM, K_BITS,
                                        q.dtype, PTX_CODES)
-            s = key_scores(q, 0.0, kc, ks, km, K_BITS, PRECISION) * scale
+            s = key_scores(q, q_sum, kc, ks, km, K_BITS, PRECISION) * scale
         else:
             k_lo, k_hi, ks, km = load_int4_halves(k_cache_ptr, k_scale_ptr, k_min_ptr, block,
                                                   off, kvh, stride_kb, stride_ks, stride_kh,
@@ -206,7 +211,7 @@ def _decode_attention_kernel(
             v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs
                         + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        elif V_BITS == 8:
+        elif V_BITS == 8 or not HALVES:
             vc, vs, vm = load_kv_codes(v_cache_ptr, v_scale_ptr, v_min_ptr, block, off, kvh,
                                        stride_vb, stride_vs, stride_vh, nmask, HEAD_DIM, V_BITS,
                                        q.dtype, PTX_CODES)
@@ -219,7 +224,7 @@ def _decode_attention_kernel(
             acc_lo = acc_lo * alpha[:, None] + mix_lo
             acc_hi = acc_hi * alpha[:, None] + mix_hi
         m_i = m_new
-    if V_BITS == 4:
+    if V_BITS == 4 and HALVES:
         acc = join_halves(acc_lo, acc_hi)
 
     if PDL:
