@@ -29,16 +29,11 @@ from twinfer_kernels.quantized_kv import (
     cache_tensors,
     hadamard_halves,
     hadamard_rows,
-    join_halves,
     key_scores,
-    key_scores_halves,
-    load_int4_halves,
     load_kv_codes,
     rotates_keys,
-    split_halves,
     store_kv_halves,
     value_mix,
-    value_mix_halves,
 )
 
 
@@ -116,7 +111,6 @@ def _decode_attention_kernel(
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
 
-    HALF: tl.constexpr = HEAD_DIM // 2
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
@@ -141,6 +135,7 @@ def _decode_attention_kernel(
                 tl.store(v_cache_ptr + blk * stride_vb + off * stride_vs + kvh * stride_vh + d,
                          v_new)
             else:  # quantized rows are written from their rotary halves (quantized_kv.py)
+                HALF: tl.constexpr = HEAD_DIM // 2
                 i = tl.arange(0, HALF)
                 k_new_ptrs = k_new_ptr + b * stride_knb + kvh * stride_knh
                 v_new_ptrs = v_new_ptr + b * stride_vnb + kvh * stride_vnh
@@ -166,23 +161,13 @@ def _decode_attention_kernel(
     else:
         q = tl.load(q_ptrs + d[None, :], mask=gmask[:, None], other=0.0)  # [GROUP_PAD, D]
 
-    # Int4 tiles stay as the halves of the head dimension their bytes hold
-    # (quantized_kv.load_int4_halves): q is split once, values accumulate by halves. Halves
-    # under 16 dimensions are too narrow for a tensor-core dot: those tiles are joined.
-    HALVES: tl.constexpr = HALF >= 16
-    if K_BITS == 4:
-        q_sum = tl.sum(q.to(tl.float32), 1)  # for the keys' minima
-        if HALVES:
-            q_lo, q_hi = split_halves(q)
+    if K_BITS == 4:  # for the keys' minima (quantized_kv.key_scores)
+        q_sum = tl.sum(q.to(tl.float32), 1)
     else:
         q_sum = 0.0
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    if V_BITS == 4 and HALVES:
-        acc_lo = tl.zeros([GROUP_PAD, HALF], tl.float32)
-        acc_hi = tl.zeros([GROUP_PAD, HALF], tl.float32)
-    else:
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
@@ -192,16 +177,11 @@ def _decode_attention_kernel(
             k = tl.load(k_cache_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks
                         + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
-        elif K_BITS == 8 or not HALVES:
+        else:
             kc, ks, km = load_kv_codes(k_cache_ptr, k_scale_ptr, k_min_ptr, block, off, kvh,
                                        stride_kb, stride_ks, stride_kh, nmask, HEAD_DIM, K_BITS,
                                        q.dtype, PTX_CODES)
             s = key_scores(q, q_sum, kc, ks, km, K_BITS, PRECISION) * scale
-        else:
-            k_lo, k_hi, ks, km = load_int4_halves(k_cache_ptr, k_scale_ptr, k_min_ptr, block,
-                                                  off, kvh, stride_kb, stride_ks, stride_kh,
-                                                  nmask, HEAD_DIM, q.dtype, PTX_CODES)
-            s = key_scores_halves(q_lo, q_hi, q_sum, k_lo, k_hi, ks, km, PRECISION) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -211,21 +191,12 @@ def _decode_attention_kernel(
             v = tl.load(v_cache_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs
                         + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        elif V_BITS == 8 or not HALVES:
+        else:
             vc, vs, vm = load_kv_codes(v_cache_ptr, v_scale_ptr, v_min_ptr, block, off, kvh,
                                        stride_vb, stride_vs, stride_vh, nmask, HEAD_DIM, V_BITS,
                                        q.dtype, PTX_CODES)
             acc = acc * alpha[:, None] + value_mix(p, vc, vs, vm, V_BITS, PRECISION)
-        else:
-            v_lo, v_hi, vs, vm = load_int4_halves(v_cache_ptr, v_scale_ptr, v_min_ptr, block,
-                                                  off, kvh, stride_vb, stride_vs, stride_vh,
-                                                  nmask, HEAD_DIM, q.dtype, PTX_CODES)
-            mix_lo, mix_hi = value_mix_halves(p, v_lo, v_hi, vs, vm, PRECISION)
-            acc_lo = acc_lo * alpha[:, None] + mix_lo
-            acc_hi = acc_hi * alpha[:, None] + mix_hi
         m_i = m_new
-    if V_BITS == 4 and HALVES:
-        acc = join_halves(acc_lo, acc_hi)
 
     if PDL:
         gdc_launch_dependents()

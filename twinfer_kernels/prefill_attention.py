@@ -21,15 +21,7 @@ from twinfer_kernels.decode_attention import (
     _precision,
     _ptx_codes,
 )
-from twinfer_kernels.quantized_kv import (
-    cache_tensors,
-    key_scores,
-    key_scores_halves,
-    load_int4_halves,
-    load_kv_codes,
-    split_halves,
-    value_mix,
-)
+from twinfer_kernels.quantized_kv import cache_tensors, key_scores, load_kv_codes, value_mix
 
 BLOCK_M = 64  # query rows per tile (make_tiles and the kernel must agree)
 
@@ -55,13 +47,8 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
     visible to every query row of the tile (below its first position, no window), so the
     per-element causal mask and its bounds checks are skipped: most of a long prompt's work."""
     d = tl.arange(0, HEAD_DIM)
-    # int4 keys as the halves their bytes hold (quantized_kv.load_int4_halves), unless a half is
-    # too narrow for a tensor-core dot
-    HALVES: tl.constexpr = HEAD_DIM >= 32
-    if K_BITS == 4:
-        q_sum = tl.sum(q.to(tl.float32), 1)  # for the keys' minima
-        if HALVES:
-            q_lo, q_hi = split_halves(q)
+    if K_BITS == 4:  # for the keys' minima (quantized_kv.key_scores)
+        q_sum = tl.sum(q.to(tl.float32), 1)
     else:
         q_sum = 0.0
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -78,16 +65,11 @@ def _attend_keys(acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
             k = _load_keys(k_ptrs, nmask[:, None], MASKED)
             # scores in log2 units: exp2 is one instruction, exp is exp2 plus a multiply
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        elif K_BITS == 8 or not HALVES:
+        else:
             kc, ks, km = load_kv_codes(k_cache_ptr, k_scale_ptr, k_min_ptr, block, kv_offs, kvh,
                                        stride_kb, stride_ks, stride_kh, nmask, HEAD_DIM, K_BITS,
                                        q.dtype, PTX_CODES, MASKED)
             s = key_scores(q, q_sum, kc, ks, km, K_BITS, PRECISION) * qk_scale
-        else:
-            k_lo, k_hi, ks, km = load_int4_halves(k_cache_ptr, k_scale_ptr, k_min_ptr, block,
-                                                  kv_offs, kvh, stride_kb, stride_ks, stride_kh,
-                                                  nmask, HEAD_DIM, q.dtype, PTX_CODES, MASKED)
-            s = key_scores_halves(q_lo, q_hi, q_sum, k_lo, k_hi, ks, km, PRECISION) * qk_scale
         if MASKED:
             visible = (n[None, :] <= pos[:, None]) & nmask[None, :]
             if sliding_window > 0:

@@ -80,9 +80,9 @@ def load_kv_codes(cache_ptr, scale_ptr, min_ptr, block, off, kvh, stride_b, stri
     fp16's; bench/RESULTS.md). ``PTX_CODES`` (fp16 on CUDA): codes become fp16 by byte
     permutes and a packed subtraction (the ``_*_TO_F16_ASM`` sequences), not by conversion
     instructions."""
+    base = block * stride_b + off * stride_s + kvh * stride_h
+    rows = base // (HEAD_DIM * KV_BITS // 8)
     if KV_BITS == 8:
-        base = block * stride_b + off * stride_s + kvh * stride_h
-        rows = base // HEAD_DIM
         d = tl.arange(0, HEAD_DIM)
         x = _load_masked(cache_ptr + base[:, None] + d[None, :], mask[:, None], MASKED)
         if PTX_CODES:
@@ -90,50 +90,25 @@ def load_kv_codes(cache_ptr, scale_ptr, min_ptr, block, off, kvh, stride_b, stri
                                               is_pure=True, pack=4)
         else:
             codes = x.to(DTYPE)
-        scales = _load_masked(scale_ptr + rows, mask, MASKED)
+    else:  # byte i holds dimension i's code (low nibble) and dimension HALF + i's (high)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        i = tl.arange(0, HALF)
+        x = _load_masked(cache_ptr + base[:, None] + i[None, :], mask[:, None], MASKED)
+        if PTX_CODES:
+            lo = tl.inline_asm_elementwise(_U4_LO_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
+                                           is_pure=True, pack=4)
+            hi = tl.inline_asm_elementwise(_U4_HI_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
+                                           is_pure=True, pack=4)
+        else:
+            lo, hi = (x & 15).to(DTYPE), (x >> 4).to(DTYPE)
+        both = tl.join(lo, hi)  # [N, HALF, 2]
+        codes = tl.reshape(tl.permute(both, (0, 2, 1)), (x.shape[0], HEAD_DIM))
+    scales = _load_masked(scale_ptr + rows, mask, MASKED)
+    if KV_BITS == 4:
+        mins = _load_masked(min_ptr + rows, mask, MASKED)
+    else:
         mins = tl.zeros_like(scales)
-    else:
-        lo, hi, scales, mins = load_int4_halves(
-            cache_ptr, scale_ptr, min_ptr, block, off, kvh, stride_b, stride_s, stride_h, mask,
-            HEAD_DIM, DTYPE, PTX_CODES, MASKED)
-        codes = join_halves(lo, hi)
     return codes, scales, mins
-
-
-@triton.jit
-def load_int4_halves(cache_ptr, scale_ptr, min_ptr, block, off, kvh, stride_b, stride_s,
-                     stride_h, mask, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr,
-                     PTX_CODES: tl.constexpr, MASKED: tl.constexpr = True):
-    """An int4 tile as ``load_kv_codes`` reads it, but its codes as the two halves of the head
-    dimension, [N, D/2] each (dimensions d < D/2, then the rest), as the bytes hold them: byte i
-    has dimension i's code in its low nibble and D/2 + i's in its high one. Joining the halves
-    into [N, D] order moves every code between threads; the decode kernel keeps them apart."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    base = block * stride_b + off * stride_s + kvh * stride_h
-    rows = base // HALF
-    i = tl.arange(0, HALF)
-    x = _load_masked(cache_ptr + base[:, None] + i[None, :], mask[:, None], MASKED)
-    if PTX_CODES:
-        lo = tl.inline_asm_elementwise(_U4_LO_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
-                                       is_pure=True, pack=4)
-        hi = tl.inline_asm_elementwise(_U4_HI_TO_F16_ASM, "=r,=r,r", [x], dtype=tl.float16,
-                                       is_pure=True, pack=4)
-    else:
-        lo, hi = (x & 15).to(DTYPE), (x >> 4).to(DTYPE)
-    return (lo, hi, _load_masked(scale_ptr + rows, mask, MASKED),
-            _load_masked(min_ptr + rows, mask, MASKED))
-
-
-@triton.jit
-def split_halves(x):
-    """x [M, D] as its halves x[:, :D/2], x[:, D/2:]."""
-    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def join_halves(lo, hi):
-    """The inverse of ``split_halves``: [M, D/2] x 2 -> [M, D]."""
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (lo.shape[0], 2 * lo.shape[1]))
 
 
 @triton.jit
@@ -153,26 +128,6 @@ def key_scores(q, q_sum, codes, scales, mins, KV_BITS: tl.constexpr, PRECISION: 
     if KV_BITS == 4:
         s += q_sum[:, None] * mins[None, :]
     return s
-
-
-@triton.jit
-def key_scores_halves(q_lo, q_hi, q_sum, lo, hi, scales, mins, PRECISION: tl.constexpr):
-    """``key_scores`` for int4 keys kept as halves (``load_int4_halves``; q's halves from
-    ``split_halves``): q . c = q_lo . c_lo + q_hi . c_hi."""
-    s = tl.dot(q_lo, tl.trans(lo), input_precision=PRECISION)
-    s = tl.dot(q_hi, tl.trans(hi), s, input_precision=PRECISION)
-    return s * scales[None, :] + q_sum[:, None] * mins[None, :]
-
-
-@triton.jit
-def value_mix_halves(p, lo, hi, scales, mins, PRECISION: tl.constexpr):
-    """``value_mix`` for int4 values kept as halves: the mixture's halves [M, D/2] each."""
-    top = tl.max(scales, 0)
-    top = tl.where(top > 0, top, 1.0)
-    weights = (p * (scales / top)[None, :]).to(lo.dtype)
-    offset = tl.sum(p * mins[None, :], 1)[:, None]
-    return (tl.dot(weights, lo, input_precision=PRECISION) * top + offset,
-            tl.dot(weights, hi, input_precision=PRECISION) * top + offset)
 
 
 @triton.jit
