@@ -25,17 +25,11 @@ import json
 import torch
 import triton
 
+from bench.kv_attention import cache_bytes, filled_caches
 from twinfer.batch import ScheduledBatch
 from twinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from twinfer.dummy import SHAPE_PRESETS, dummy_weights
-from twinfer.kv_cache_memory import (
-    Int4KVCache,
-    Int8KVCache,
-    hadamard,
-    kv_block_bytes,
-    quantize_kv,
-    quantize_kv_int4,
-)
+from twinfer.kv_cache_memory import kv_block_bytes
 from twinfer_kernels.decode_attention import decode_attention
 
 
@@ -130,20 +124,8 @@ def engine_rows(args: argparse.Namespace, batches: list[int], bw: float, mm: flo
     # decode attention kernel alone, batch 64 x context 4096, one layer
     n, ctx = 64, 4096
     blocks = n * ctx // bs
-    kc = torch.randn(blocks, bs, cfg.num_kv_heads, cfg.head_dim, device="cuda", dtype=dtype)
-    vc = torch.randn_like(kc)
-    kv = 2 * kc.numel() * kc.element_size()
-    if kv_dtype in ("int8", "k8v4"):
-        kc = Int8KVCache(*quantize_kv(kc))
-    if kv_dtype == "int8":
-        vc = Int8KVCache(*quantize_kv(vc))
-    if kv_dtype == "int4":  # keys in the Hadamard basis, as the engine keeps them
-        kc = Int4KVCache(*quantize_kv_int4(kc.float() @ hadamard(cfg.head_dim, "cuda")),
-                         rotated=True)
-    if kv_dtype in ("int4", "k8v4"):
-        vc = Int4KVCache(*quantize_kv_int4(vc))
-    if kv_dtype != "auto":
-        kv = sum(t.nbytes for c in (kc, vc) for t in c.tensors())
+    kc, vc = filled_caches(kv_dtype, blocks, bs, cfg.num_kv_heads, cfg.head_dim, dtype)
+    kv = cache_bytes(kc) + cache_bytes(vc)
     q = torch.randn(n, cfg.num_heads, cfg.head_dim, device="cuda", dtype=dtype)
     tables = torch.arange(blocks, dtype=torch.int32, device="cuda").view(n, ctx // bs)
     lens = torch.full((n,), ctx, dtype=torch.int32, device="cuda")

@@ -38,19 +38,19 @@ from twinfer_kernels.rotary_kv import rotary_and_write_kv
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 
 
-def filled_caches(kind: str, num_blocks: int, dtype: torch.dtype = torch.float16
-                  ) -> tuple[KVCache, KVCache]:
-    """Random K and V caches of ``kind`` (auto: the model dtype), keys of int4 caches in the
-    Hadamard basis as the engines keep them."""
-    shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    k = torch.randn(shape, device="cuda", dtype=dtype)
+def filled_caches(kind: str, num_blocks: int, block_size: int = BLOCK_SIZE,
+                  num_kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
+                  dtype: torch.dtype = torch.float16) -> tuple[KVCache, KVCache]:
+    """Random K and V caches of ``kind`` (auto: the model dtype) on CUDA, keys of int4 caches
+    in the Hadamard basis as the engines keep them."""
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
     if kind == "auto":
         return k, v
     if kind in ("int8", "k8v4"):
         kc: KVCache = Int8KVCache(*quantize_kv(k))
     else:
-        kc = Int4KVCache(*quantize_kv_int4(k.float() @ hadamard(HEAD_DIM, k.device)),
+        kc = Int4KVCache(*quantize_kv_int4(k.float() @ hadamard(head_dim, k.device)),
                          rotated=True)
     vc: KVCache = Int8KVCache(*quantize_kv(v)) if kind == "int8" else \
         Int4KVCache(*quantize_kv_int4(v))
@@ -58,6 +58,7 @@ def filled_caches(kind: str, num_blocks: int, dtype: torch.dtype = torch.float16
 
 
 def cache_bytes(cache: KVCache) -> int:
+    """Bytes of a cache: its tensor, or its codes and parameters."""
     if isinstance(cache, torch.Tensor):
         return cache.nbytes
     return sum(t.nbytes for t in cache.tensors())
