@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import collect_logits, newest_token_slots, random_tables, reference_attention
 
 from engine_torch.attention import _gather, write_kv_cache
@@ -29,6 +31,7 @@ from twinfer.kv_cache_memory import (
 from twinfer.weights import load_weights
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.prefill_attention import prefill_attention
+from twinfer_kernels.quantized_kv import fwht_rows
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
 PROMPTS = [[0, 5, 9, 33, 7, 100, 200, 3, 4, 8, 19, 40, 41, 42, 43, 44, 45, 46, 47, 48],
@@ -225,6 +228,21 @@ def _kernel_queries(q: torch.Tensor, kind: str) -> torch.Tensor:
     if PAIRS[kind][0] != "int4":
         return q
     return (q.float() @ hadamard(q.shape[-1], q.device)).to(q.dtype)
+
+
+@triton.jit
+def _fwht_kernel(x_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(out_ptr + offs, fwht_rows(tl.load(x_ptr + offs)))
+
+
+@pytest.mark.parametrize("rows,width", [(2, 2), (16, 16), (4, 128), (16, 64)])
+def test_fwht_rows_is_the_unnormalised_hadamard_transform(rows, width):
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(width)).to(DEVICE)
+    out = torch.empty_like(x)
+    _fwht_kernel[(1,)](x, out, rows, width)
+    expected = x @ (hadamard(width, DEVICE) * width ** 0.5)
+    torch.testing.assert_close(out, expected, atol=1e-4 * width ** 0.5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(PAIRS))
