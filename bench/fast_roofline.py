@@ -25,12 +25,45 @@ import json
 import torch
 import triton
 
-from bench.kv_attention import cache_bytes, filled_caches
 from twinfer.batch import ScheduledBatch
 from twinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from twinfer.dummy import SHAPE_PRESETS, dummy_weights
-from twinfer.kv_cache_memory import kv_block_bytes
+from twinfer.kv_cache_memory import (
+    Int4KVCache,
+    Int8KVCache,
+    KVCache,
+    hadamard,
+    kv_block_bytes,
+    quantize_kv,
+    quantize_kv_int4,
+)
 from twinfer_kernels.decode_attention import decode_attention
+
+
+def filled_caches(kind: str, num_blocks: int, block_size: int, num_kv_heads: int,
+                  head_dim: int, dtype: torch.dtype = torch.float16
+                  ) -> tuple[KVCache, KVCache]:
+    """Random K and V caches of ``kind`` (auto: the model dtype) on CUDA, keys of int4 caches
+    in the Hadamard basis as the engines keep them."""
+    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    if kind == "auto":
+        return k, v
+    if kind in ("int8", "k8v4"):
+        kc: KVCache = Int8KVCache(*quantize_kv(k))
+    else:
+        kc = Int4KVCache(*quantize_kv_int4(k.float() @ hadamard(head_dim, k.device)),
+                         rotated=True)
+    vc: KVCache = Int8KVCache(*quantize_kv(v)) if kind == "int8" else \
+        Int4KVCache(*quantize_kv_int4(v))
+    return kc, vc
+
+
+def cache_bytes(cache: KVCache) -> int:
+    """Bytes of a cache: its tensor, or its codes and parameters."""
+    if isinstance(cache, torch.Tensor):
+        return cache.nbytes
+    return sum(t.nbytes for t in cache.tensors())
 
 
 def llama31_8b_config(num_layers: int) -> dict:

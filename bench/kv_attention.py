@@ -23,45 +23,17 @@ import datetime
 import torch
 import triton
 
-from twinfer.kv_cache_memory import (
-    Int4KVCache,
-    Int8KVCache,
-    KVCache,
-    hadamard,
-    quantize_kv,
-    quantize_kv_int4,
+from bench.fast_roofline import (
+    cache_bytes,
+    copy_bandwidth,
+    filled_caches,
+    matmul_rate,
 )
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.prefill_attention import make_tiles, prefill_attention
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-
-
-def filled_caches(kind: str, num_blocks: int, block_size: int = BLOCK_SIZE,
-                  num_kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
-                  dtype: torch.dtype = torch.float16) -> tuple[KVCache, KVCache]:
-    """Random K and V caches of ``kind`` (auto: the model dtype) on CUDA, keys of int4 caches
-    in the Hadamard basis as the engines keep them."""
-    k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
-    if kind == "auto":
-        return k, v
-    if kind in ("int8", "k8v4"):
-        kc: KVCache = Int8KVCache(*quantize_kv(k))
-    else:
-        kc = Int4KVCache(*quantize_kv_int4(k.float() @ hadamard(head_dim, k.device)),
-                         rotated=True)
-    vc: KVCache = Int8KVCache(*quantize_kv(v)) if kind == "int8" else \
-        Int4KVCache(*quantize_kv_int4(v))
-    return kc, vc
-
-
-def cache_bytes(cache: KVCache) -> int:
-    """Bytes of a cache: its tensor, or its codes and parameters."""
-    if isinstance(cache, torch.Tensor):
-        return cache.nbytes
-    return sum(t.nbytes for t in cache.tensors())
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3.1-8B's attention
 
 
 def graph_ms(call, reps: int = 50) -> float:
@@ -77,7 +49,7 @@ def graph_ms(call, reps: int = 50) -> float:
 
 def _decode_setup(kind: str, batch: int, ctx: int):
     blocks = batch * ctx // BLOCK_SIZE
-    kc, vc = filled_caches(kind, blocks + 1)
+    kc, vc = filled_caches(kind, blocks + 1, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
     tables = torch.arange(blocks, dtype=torch.int32, device="cuda").view(batch, -1)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -119,7 +91,7 @@ def decode_rows(kind: str, bw: float, sweep: bool) -> list[dict]:
 
 def prefill_rows(kind: str, rate: float, bw: float) -> list[dict]:
     t = 2048
-    kc, vc = filled_caches(kind, t // BLOCK_SIZE + 1)
+    kc, vc = filled_caches(kind, t // BLOCK_SIZE + 1, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     q = torch.randn(t, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
     tables = torch.arange(t // BLOCK_SIZE, dtype=torch.int32, device="cuda").view(1, -1)
     qsl = torch.tensor([0, t], dtype=torch.int32, device="cuda")
@@ -149,8 +121,6 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="decode at batch 64: block_n 32/64/128 x 4/8 warps x 3/5 stages")
     args = ap.parse_args()
-    from bench.fast_roofline import copy_bandwidth, matmul_rate
-
     bw = copy_bandwidth()
     rate = matmul_rate(torch.float16)
     print(f"device: {torch.cuda.get_device_name()}  date: {datetime.date.today()}  "

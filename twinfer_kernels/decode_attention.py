@@ -31,6 +31,7 @@ from twinfer_kernels.quantized_kv import (
     hadamard_rows,
     key_scores,
     load_kv_codes,
+    ptx_codes,
     rotates_keys,
     store_kv_halves,
     value_mix,
@@ -70,12 +71,6 @@ def _out_cols(out_cols_ptr, heads, d, mask, HEAD_DIM: tl.constexpr, OUT_COLS: tl
     if OUT_COLS:
         cols = tl.load(out_cols_ptr + cols, mask=mask, other=0)
     return cols
-
-
-def _ptx_codes(q: torch.Tensor) -> bool:
-    """Whether quantized caches' codes may become fp16 by PTX (quantized_kv.load_kv_codes):
-    fp16 on CUDA (the interpreter runs no PTX)."""
-    return q.dtype == torch.float16 and q.is_cuda
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -119,7 +114,8 @@ def _decode_attention_kernel(
     if NEW_KV:
         pos = tl.load(positions_ptr + b).to(tl.float32)
         q = _rotated(q_ptrs, pos, inv_freq_ptr, d[None, :], gmask[:, None], HEAD_DIM)
-        if ROTATE_KEYS:  # into the Hadamard basis the int4 keys live in
+        if ROTATE_KEYS:  # into the Hadamard basis the int4 keys live in, from q rounded to
+            # the model dtype as rotary_kv rounds it
             q = hadamard_rows(q.to(q_ptr.dtype.element_ty).to(tl.float32))
         q = q.to(q_ptr.dtype.element_ty)
         slot = tl.load(slot_ptr + b)
@@ -304,7 +300,7 @@ def decode_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         NEW_KV=new_kv is not None, OUT_COLS=out_cols is not None, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, K_BITS=k_bits, V_BITS=v_bits, ROTATE_KEYS=rotate,
-        PTX_CODES=_ptx_codes(q), num_warps=num_warps,
+        PTX_CODES=ptx_codes(q), num_warps=num_warps,
         num_stages=num_stages, **launch,
     )
     if num_splits > 1:

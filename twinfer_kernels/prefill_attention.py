@@ -15,13 +15,14 @@ import triton.language as tl
 
 from twinfer.device_copy import to_device_async
 from twinfer.kv_cache_memory import KVCache
-from twinfer_kernels.decode_attention import (
-    _check_out_cols,
-    _out_cols,
-    _precision,
-    _ptx_codes,
+from twinfer_kernels.decode_attention import _check_out_cols, _out_cols, _precision
+from twinfer_kernels.quantized_kv import (
+    cache_tensors,
+    key_scores,
+    load_kv_codes,
+    ptx_codes,
+    value_mix,
 )
-from twinfer_kernels.quantized_kv import cache_tensors, key_scores, load_kv_codes, value_mix
 
 BLOCK_M = 64  # query rows per tile (make_tiles and the kernel must agree)
 
@@ -210,7 +211,7 @@ def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
         block_tables.stride(0),
         GROUP=H // Hkv, HEAD_DIM=D, PRECISION=_precision(q.dtype), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, OUT_COLS=out_cols is not None, K_BITS=k_bits,
-        V_BITS=v_bits, PTX_CODES=_ptx_codes(q),
+        V_BITS=v_bits, PTX_CODES=ptx_codes(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

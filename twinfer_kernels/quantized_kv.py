@@ -209,6 +209,12 @@ def _round_clamped(y, lo, hi):
     return tl.minimum(tl.maximum(r, lo), hi)
 
 
+def ptx_codes(q: torch.Tensor) -> bool:
+    """Whether the codes may become fp16 by PTX (``load_kv_codes``' PTX_CODES): fp16 queries
+    on CUDA (the interpreter runs no PTX; other dtypes convert)."""
+    return q.dtype == torch.float16 and q.is_cuda
+
+
 def rotates_keys(k_cache: KVCache, v_cache: KVCache) -> bool:
     """Whether the keys are kept in the Hadamard basis (so the kernels rotate q and new keys);
     values never are."""
