@@ -12,7 +12,7 @@ from conftest import newest_token_slots, random_tables, reference_attention
 
 from twinfer_kernels.decode_attention import NewKV, decode_attention
 from twinfer_kernels.elementwise import rms_norm, rms_norm_int8, silu_and_mul, silu_and_mul_int8
-from twinfer_kernels.prefill_attention import prefill_attention
+from twinfer_kernels.prefill_attention import make_tiles, prefill_attention
 from twinfer_kernels.quant_matmul import quantize_rows
 from twinfer_kernels.rotary_kv import rotary_and_write_kv
 
@@ -138,6 +138,19 @@ def test_prefill_attention_over_cached_prefixes_matches_reference(dtype, group, 
                             block_m=16, block_n=16)
     ref = reference_attention(q, k_cache, v_cache, tables, ctx_lens, q_lens, head_dim ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("num_tiles", range(1, 10))
+def test_make_tiles_rows_start_16_byte_aligned_for_any_tile_count(num_tiles):
+    # Triton specializes pointer arguments on 16-byte alignment: an unaligned tile_start row
+    # would compile a second kernel variant the first time a batch's tile count is odd.
+    q_lens = [16] * (num_tiles - 1) + [5]
+    tiles = make_tiles(q_lens, 16, torch.device(DEVICE))
+    tile_seq, tile_start = tiles
+    assert tiles.shape == (2, num_tiles)
+    assert tile_seq.tolist() == list(range(num_tiles))
+    assert tile_start.tolist() == [0] * num_tiles
+    assert tile_seq.data_ptr() % 16 == 0 and tile_start.data_ptr() % 16 == 0
 
 
 @pytest.mark.parametrize("window", [0, 21])

@@ -162,8 +162,15 @@ def make_tiles(query_lens: list[int], block_m: int, device: torch.device) -> tor
     the batch. Every layer's attention uses the same tiles, so a forward pass makes them once
     (a copy from the host per layer would stall the launches)."""
     tiles = [(i, m0) for i, q_len in enumerate(query_lens) for m0 in range(0, q_len, block_m)]
-    return to_device_async(torch.tensor(tiles, dtype=torch.int32).view(-1, 2).T.contiguous(),
-                           device)
+    n = len(tiles)
+    # Rows padded to a multiple of 4 entries, so that the second row (the kernel's
+    # tile_start_ptr) starts 16-byte aligned whatever the tile count: Triton specializes
+    # pointers on that alignment, and a count that is not a multiple of 4 compiled a second
+    # variant of the kernel, ~0.3-1.4 s of JIT in the middle of serving (fifteenth session's
+    # H100 probe, bench/RESULTS.md).
+    padded = torch.zeros(2, -(-n // 4) * 4, dtype=torch.int32)
+    padded[:, :n] = torch.tensor(tiles, dtype=torch.int32).view(-1, 2).T
+    return to_device_async(padded, device)[:, :n]
 
 
 def prefill_attention(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
