@@ -49,9 +49,9 @@ def serving_throughput(requests: int = 100, input_len: int = 1024, output_len: i
     torch.cuda.empty_cache()
     rng = random.Random(0)
     # Warm-up: the workload's own prefill phase, untimed. Its first steps mix the same prefill
-    # chunks with the same numbers of decodes as the timed run's, so every kernel shape that
-    # Triton compiles (and cuBLAS plans) on first sight is ready before the clock starts, as in
-    # a server that has run for a while. With only a few warm-up requests the timed run's
+    # chunks with the same numbers of decodes as the timed run's, so every kernel variant that
+    # is compiled or loaded on first sight is ready before the clock starts, as in a server
+    # that has run for a while. With only a few warm-up requests the timed run's
     # prefill steps still compiled: on an H100 they took 3.68 s against 2.64 s once warm
     # (bench/RESULTS.md, fifteenth session).
     prefill_steps = -(-requests * input_len // max_num_batched_tokens)

@@ -143,7 +143,8 @@ def test_prefill_attention_over_cached_prefixes_matches_reference(dtype, group, 
 @pytest.mark.parametrize("num_tiles", range(1, 10))
 def test_make_tiles_rows_start_16_byte_aligned_for_any_tile_count(num_tiles):
     # Triton specializes pointer arguments on 16-byte alignment: an unaligned tile_start row
-    # would compile a second kernel variant the first time a batch's tile count is odd.
+    # would compile a second kernel variant the first time a batch's tile count is not a
+    # multiple of 4.
     q_lens = [16] * (num_tiles - 1) + [5]
     tiles = make_tiles(q_lens, 16, torch.device(DEVICE))
     tile_seq, tile_start = tiles
